@@ -1,0 +1,72 @@
+"""SPADE generator: label map (one-hot) -> image in [-1, 1]."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blocks import SPADEResnetBlock, leaky
+from .config import GeneratorConfig
+
+
+class SPADEGenerator(nn.Module):
+    """fc -> 7 SPADE residual blocks with 2x nearest upsampling between them -> conv -> tanh.
+
+    ``num_upsampling_layers`` adds an upsampling after ``G_middle_0`` ("more") and a last
+    block ``up_4`` ("most"). With ``z_dim`` set, ``fc`` is a Linear from the style code;
+    otherwise a 3x3 conv on the label map downsampled to the initial grid.
+    """
+
+    def __init__(self, config: GeneratorConfig, *, semantic_nc: int) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.semantic_nc = semantic_nc
+        nf = config.ngf
+        self.sh, self.sw = config.initial_size
+        if config.z_dim is not None:
+            self.fc = nn.Linear(config.z_dim, 16 * nf * self.sh * self.sw)
+        else:
+            self.fc = nn.Conv2d(semantic_nc, 16 * nf, 3, padding=1)
+
+        def block(fin: int, fout: int) -> SPADEResnetBlock:
+            return SPADEResnetBlock(
+                fin=fin, fout=fout, label_nc=semantic_nc, spade=config.spade, spectral_norm=config.spectral_norm
+            )
+
+        self.head_0 = block(16 * nf, 16 * nf)
+        self.G_middle_0 = block(16 * nf, 16 * nf)
+        self.G_middle_1 = block(16 * nf, 16 * nf)
+        self.up_0 = block(16 * nf, 8 * nf)
+        self.up_1 = block(8 * nf, 4 * nf)
+        self.up_2 = block(4 * nf, 2 * nf)
+        self.up_3 = block(2 * nf, 1 * nf)
+        final_nc = nf
+        if config.num_upsampling_layers == "most":
+            self.up_4 = block(nf, nf // 2)
+            final_nc = nf // 2
+        self.conv_img = nn.Conv2d(final_nc, 3, 3, padding=1)
+
+    def forward(self, seg: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        """``seg``: (B, semantic_nc, H, W) float one-hot (+ edges); ``z``: (B, z_dim) for VAE models."""
+        if self.config.z_dim is not None:
+            if z is None:
+                raise ValueError("this generator takes a style code: pass z of shape (B, z_dim)")
+            x = self.fc(z).view(-1, 16 * self.config.ngf, self.sh, self.sw)
+        else:
+            x = self.fc(F.interpolate(seg, size=(self.sh, self.sw), mode="nearest"))
+        x = self.head_0(x, seg)
+        x = upsample(x)
+        x = self.G_middle_0(x, seg)
+        if self.config.num_upsampling_layers in ("more", "most"):
+            x = upsample(x)
+        x = self.G_middle_1(x, seg)
+        for name in ("up_0", "up_1", "up_2", "up_3") + (("up_4",) if self.config.num_upsampling_layers == "most" else ()):
+            x = upsample(x)
+            x = getattr(self, name)(x, seg)
+        return torch.tanh(self.conv_img(leaky(x)))
+
+
+def upsample(x: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, scale_factor=2.0, mode="nearest")

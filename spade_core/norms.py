@@ -1,0 +1,142 @@
+"""Normalisation layers: SPADE, synced batch norm, spectral-norm helpers."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrizations, parametrize
+
+from .config import SpadeConfig
+
+
+def param_free_norm(kind: str, num_features: int) -> nn.Module:
+    """A normalisation without learned affine parameters."""
+    if kind == "instance":
+        return nn.InstanceNorm2d(num_features, affine=False)
+    if kind == "batch":
+        return nn.BatchNorm2d(num_features, affine=False)
+    raise ValueError(f"unknown parameter-free norm {kind!r}; expected 'instance' or 'batch'")
+
+
+class SPADE(nn.Module):
+    """Spatially-adaptive normalisation: ``norm(x) * (1 + gamma(seg)) + beta(seg)``.
+
+    ``gamma`` and ``beta`` come from a shared conv on the label map resized (nearest)
+    to the feature size. Module names follow the reference so its weights load as-is.
+    """
+
+    def __init__(self, *, norm_nc: int, label_nc: int, config: SpadeConfig) -> None:
+        super().__init__()
+        ks, pw = config.kernel_size, config.kernel_size // 2
+        self.param_free_norm = param_free_norm(config.norm, norm_nc)
+        self.mlp_shared = nn.Sequential(nn.Conv2d(label_nc, config.hidden, ks, padding=pw), nn.ReLU())
+        self.mlp_gamma = nn.Conv2d(config.hidden, norm_nc, ks, padding=pw)
+        self.mlp_beta = nn.Conv2d(config.hidden, norm_nc, ks, padding=pw)
+
+    def forward(self, x: torch.Tensor, segmap: torch.Tensor) -> torch.Tensor:
+        normalized = self.param_free_norm(x)
+        if segmap.shape[-2:] != x.shape[-2:]:
+            segmap = F.interpolate(segmap, size=x.shape[-2:], mode="nearest")
+        actv = self.mlp_shared(segmap)
+        return normalized * (1 + self.mlp_gamma(actv)) + self.mlp_beta(actv)
+
+
+def spectral(module: nn.Module, enabled: bool = True) -> nn.Module:
+    """Spectral norm on ``module.weight`` (torch's parametrisation), or the module itself."""
+    return parametrizations.spectral_norm(module) if enabled else module
+
+
+def has_spectral_norm(module: nn.Module) -> bool:
+    return parametrize.is_parametrized(module, "weight")
+
+
+def remove_spectral_norm(module: nn.Module) -> nn.Module:
+    """Fold every spectral norm into a plain weight, as it acts in eval mode (no power iteration)."""
+    for sub in list(module.modules()):
+        if parametrize.is_parametrized(sub, "weight"):
+            was_training = sub.training
+            sub.eval()  # eval: sigma from the stored u, v, without updating them
+            parametrize.remove_parametrizations(sub, "weight", leave_parametrized=True)
+            sub.train(was_training)
+    return module
+
+
+# ---------------------------------------------------------------------------------------
+# Synced batch norm
+
+
+class SyncBatchNorm(nn.SyncBatchNorm):
+    """Batch norm over the global batch of a ``torch.distributed`` process group.
+
+    On CUDA it is exactly ``torch.nn.SyncBatchNorm``. On the CPU (gloo), which torch's
+    refuses, the per-channel sums are all-reduced with the autograd-aware collective, so
+    gradients flow through the global statistics. Outside a process group, or in eval
+    mode, it is plain batch norm. State-dict keys equal ``BatchNorm2d``'s.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - torch's name
+        if input.is_cuda or not self._needs_sync():
+            return super().forward(input)
+        return _cpu_sync_batch_norm(self, input)
+
+    def _needs_sync(self) -> bool:
+        if not (self.training and torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return False
+        group = self.process_group or torch.distributed.group.WORLD
+        return torch.distributed.get_world_size(group) > 1
+
+
+def _cpu_sync_batch_norm(bn: SyncBatchNorm, x: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.nn.functional import all_reduce
+
+    dims = [0] + list(range(2, x.dim()))
+    count = x.numel() // x.size(1)
+    # Local moments via a stable two-pass var_mean, combined in float64 so that the
+    # global E[x^2] - E[x]^2 does not lose precision.
+    var, mean = torch.var_mean(x, dim=dims, unbiased=False)
+    mean64, var64 = mean.double(), var.double()
+    n = torch.full_like(mean64, float(count))
+    stats = torch.stack([n * mean64, n * (var64 + mean64 * mean64), n])
+    group = bn.process_group or torch.distributed.group.WORLD
+    stats = all_reduce(stats, group=group)
+    total = stats[2]
+    g_mean = stats[0] / total
+    g_var = (stats[1] / total - g_mean * g_mean).clamp_min(0)
+
+    if bn.track_running_stats and bn.running_mean is not None:
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+            unbiased = g_var * total / (total - 1).clamp_min(1)
+            bn.running_mean.mul_(1 - momentum).add_(g_mean.to(bn.running_mean.dtype), alpha=momentum)
+            bn.running_var.mul_(1 - momentum).add_(unbiased.to(bn.running_var.dtype), alpha=momentum)
+
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    inv_std = torch.rsqrt(g_var + bn.eps).to(x.dtype)
+    out = (x - g_mean.to(x.dtype).view(shape)) * inv_std.view(shape)
+    if bn.affine:
+        out = out * bn.weight.view(shape) + bn.bias.view(shape)
+    return out
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group: object | None = None) -> nn.Module:
+    """Replace every ``BatchNorm2d`` under ``module`` by :class:`SyncBatchNorm`, keeping its state.
+
+    Call it inside the worker once the process group exists (then wrap in DDP).
+    """
+    if isinstance(module, nn.BatchNorm2d) and not isinstance(module, SyncBatchNorm):
+        sync = SyncBatchNorm(
+            module.num_features,
+            eps=module.eps,
+            momentum=module.momentum,
+            affine=module.affine,
+            track_running_stats=module.track_running_stats,
+            process_group=process_group,
+        )
+        sync.load_state_dict(module.state_dict())
+        sync.train(module.training)
+        return sync.to(next(iter(module.state_dict().values()), torch.empty(0)).device)
+    for name, child in module.named_children():
+        module.add_module(name, convert_sync_batchnorm(child, process_group))
+    return module
