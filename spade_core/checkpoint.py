@@ -136,7 +136,8 @@ class SpadeModel(nn.Module):
             return z.to(self.device, torch.float32)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         if style is not None:
-            if style.dim() != 4 or style.shape[0] != batch:
+            _check_images(style, "style")
+            if style.shape[0] != batch:
                 raise ValueError(f"style must have shape ({batch}, 3, H, W) to match the labels, got {tuple(style.shape)}")
             mu, logvar = self.encode(style)
             if seed is None:
@@ -227,14 +228,26 @@ def read_config(path: str | os.PathLike[str]) -> ModelConfig:
     if (root / CONFIG_FILE).is_file():
         try:
             data = json.loads((root / CONFIG_FILE).read_text())
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ValueError(f"{root / CONFIG_FILE} is not valid JSON: {exc}") from exc
-        version = data.get("format_version") if isinstance(data, dict) else None
-        if version != FORMAT_VERSION:
+        if not isinstance(data, dict):
+            raise ValueError(f"{root / CONFIG_FILE} must hold a JSON object, got {type(data).__name__}")
+        version = data.get("format_version")
+        # bool is an int subclass and 1.0 == 1: only the integer itself is accepted
+        if type(version) is not int or version != FORMAT_VERSION:
             raise ValueError(f"{root / CONFIG_FILE}: format_version {version!r} is not supported (expected {FORMAT_VERSION})")
+        unknown = sorted(set(data) - {"format_version", "model"})
+        if unknown:
+            raise ValueError(
+                f"{root / CONFIG_FILE}: unknown key(s) {', '.join(unknown)}; expected 'format_version' and 'model'"
+            )
         return ModelConfig.from_dict(data.get("model"))
     if (root / "opt.txt").is_file():
-        return nvlabs.config_from_options(nvlabs.parse_opt_txt((root / "opt.txt").read_text()))
+        try:
+            text = (root / "opt.txt").read_text()
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{root / 'opt.txt'} is not a text file of options: {exc}") from exc
+        return nvlabs.config_from_options(nvlabs.parse_opt_txt(text))
     raise ValueError(_not_a_checkpoint(root))
 
 
@@ -242,7 +255,8 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
     """Load a checkpoint directory, ours or the reference's, strictly; the model is in eval mode."""
     root = Path(path)
     if not root.is_dir():
-        raise ValueError(f"checkpoint directory {root} does not exist")
+        what = "is not a directory" if root.exists() else "does not exist"
+        raise ValueError(f"checkpoint directory {root} {what}")
     ours = (root / CONFIG_FILE).is_file()
     if not ours and not nvlabs.is_nvlabs_dir(root):
         raise ValueError(_not_a_checkpoint(root))

@@ -105,6 +105,12 @@ class GeneratorConfig:
             f"generator.crop_size {self.crop_size} is too small for {self.num_upsamplings} upsamplings "
             f"(need >= {2**self.num_upsamplings})",
         )
+        _require(
+            self.spade.norm != "instance" or sh * sw > 1,
+            f"generator.crop_size {self.crop_size} is too small for spade.norm 'instance' with "
+            f"{self.num_upsamplings} upsamplings: the first block would run on a {sh}x{sw} grid, and instance "
+            f"norm needs more than one pixel (at aspect_ratio 1: crop_size >= {2 * 2**self.num_upsamplings})",
+        )
         _require(self.z_dim is None or self.z_dim >= 1, "generator.z_dim must be >= 1 or null")
         self.spade.validate()
 
@@ -192,7 +198,10 @@ class ModelConfig:
             raise ValueError(f"model config must be a mapping, got {type(data).__name__}")
         known = {"labels", "generator", "encoder", "discriminator"}
         _reject_unknown(data, known, "model")
-        gen = dict(data.get("generator", {}))
+        generator = data.get("generator", {})
+        if not isinstance(generator, dict):
+            raise ValueError(f"generator must be a mapping, got {type(generator).__name__}")
+        gen = dict(generator)
         spade = _build(SpadeConfig, gen.pop("spade", {}), "generator.spade")
         encoder = data.get("encoder")
         return cls(

@@ -49,6 +49,14 @@ def config_from_options(opt: dict[str, str]) -> ModelConfig:
             raise ValueError(f"opt.txt option '{key}' must be True or False, got {value!r}")
         return value == "True"
 
+    def number(key: str, kind: type, default: str | None = None) -> Any:
+        value = opt.get(key, default) if default is not None else get(key)
+        try:
+            return kind(value)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise ValueError(f"opt.txt option '{key}' must be {what}, got {value!r}") from None
+
     if get("netG") != "spade":
         raise ValueError(f"only netG 'spade' is supported, opt.txt has {opt['netG']!r}")
     if opt.get("netD", "multiscale") != "multiscale" or opt.get("netD_subarch", "n_layer") != "n_layer":
@@ -56,19 +64,20 @@ def config_from_options(opt: dict[str, str]) -> ModelConfig:
 
     dataset_mode = opt.get("dataset_mode", "custom")
     labels = LabelConfig(
-        label_nc=int(get("label_nc")),
+        label_nc=number("label_nc", int),
         contain_dontcare_label=flag("contain_dontcare_label"),
         instance_edges=not flag("no_instance"),
         dataset=_DATASETS.get(dataset_mode, "custom"),
     )
     spectral_g, spade = _spade_norm(get("norm_G"))
     use_vae = flag("use_vae", default=False)
-    z_dim = int(opt.get("z_dim", "256"))
-    crop_size = int(get("crop_size"))
+    z_dim = number("z_dim", int, "256")
+    crop_size = number("crop_size", int)
+    ngf = number("ngf", int)
     generator = GeneratorConfig(
-        ngf=int(get("ngf")),
+        ngf=ngf,
         crop_size=crop_size,
-        aspect_ratio=float(opt.get("aspect_ratio", "1.0")),
+        aspect_ratio=number("aspect_ratio", float, "1.0"),
         num_upsampling_layers=get("num_upsampling_layers"),  # type: ignore[arg-type]
         spade=spade,
         spectral_norm=spectral_g,
@@ -76,24 +85,24 @@ def config_from_options(opt: dict[str, str]) -> ModelConfig:
     )
     encoder = None
     if use_vae:
-        spectral_e, norm_e = _plain_norm(opt.get("norm_E", "spectralinstance"))
+        spectral_e, norm_e = _plain_norm(opt.get("norm_E", "spectralinstance"), "norm_E")
         # The reference builds a sixth conv only when crop_size >= 256; with five convs its
         # weights fit an encoder whose input is 128 (which the reference itself never runs).
         encoder = EncoderConfig(
-            ndf=int(get("ngf")),
+            ndf=ngf,
             z_dim=z_dim,
             input_size=256 if crop_size >= 256 else 128,
             norm=norm_e,  # type: ignore[arg-type]
             spectral_norm=spectral_e,
         )
-    spectral_d, norm_d = _plain_norm(opt.get("norm_D", "spectralinstance"))
+    spectral_d, norm_d = _plain_norm(opt.get("norm_D", "spectralinstance"), "norm_D")
     discriminator = DiscriminatorConfig(
-        ndf=int(opt.get("ndf", "64")),
-        n_layers=int(opt.get("n_layers_D", "4")),
-        num_D=int(opt.get("num_D", "2")),
+        ndf=number("ndf", int, "64"),
+        n_layers=number("n_layers_D", int, "4"),
+        num_D=number("num_D", int, "2"),
         norm=norm_d,  # type: ignore[arg-type]
         spectral_norm=spectral_d,
-        image_nc=int(opt.get("output_nc", "3")),
+        image_nc=number("output_nc", int, "3"),
     )
     return ModelConfig(labels=labels, generator=generator, encoder=encoder, discriminator=discriminator)
 
@@ -106,10 +115,10 @@ def _spade_norm(norm_g: str) -> tuple[bool, SpadeConfig]:
     return bool(match.group(1)), SpadeConfig(norm=norm, kernel_size=int(match.group(3)))
 
 
-def _plain_norm(norm: str) -> tuple[bool, str]:
+def _plain_norm(norm: str, option: str) -> tuple[bool, str]:
     match = re.fullmatch(r"(spectral)?(instance|batch|syncbatch|sync_batch|none|)", norm)
     if not match:
-        raise ValueError(f"unsupported norm {norm!r}; expected e.g. 'spectralinstance'")
+        raise ValueError(f"unsupported {option} {norm!r}; expected e.g. 'spectralinstance'")
     kind = match.group(2)
     kind = "none" if kind == "" else ("batch" if "batch" in kind else kind)
     return bool(match.group(1)), kind
