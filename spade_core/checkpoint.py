@@ -12,9 +12,11 @@ Loading never unpickles: safetensors for ours, ``torch.load(weights_only=True)``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -79,7 +81,8 @@ class SpadeModel(nn.Module):
         if self.encoder is None:
             raise ValueError("this model has no style encoder (it was not trained as a VAE)")
         _check_images(style, "style")
-        return self.encoder(style.to(self.device, torch.float32))
+        with _eval_mode(self.encoder):
+            return self.encoder(style.to(self.device, torch.float32))
 
     @torch.inference_mode()
     def synthesize(
@@ -117,7 +120,8 @@ class SpadeModel(nn.Module):
         seg = one_hot(channels, self.config.labels.num_label_channels)
         if edges is not None:
             seg = torch.cat([seg, edges.unsqueeze(1).float()], dim=1)
-        return self.generator(seg, z=z)
+        with _eval_mode(self.generator):
+            return self.generator(seg, z=z)
 
     def _style_code(
         self, batch: int, *, style: torch.Tensor | None, z: torch.Tensor | None, seed: int | None
@@ -145,6 +149,18 @@ class SpadeModel(nn.Module):
             eps = torch.randn(mu.shape, generator=generator).to(self.device)
             return mu + eps * torch.exp(0.5 * logvar)
         return torch.randn(batch, z_dim, generator=generator).to(self.device)
+
+
+@contextlib.contextmanager
+def _eval_mode(net: nn.Module) -> Iterator[None]:
+    """Inference is the eval-mode function (running statistics, no spectral-norm update),
+    whatever mode the network is in for training; the mode is restored afterwards."""
+    was_training = net.training
+    net.eval()
+    try:
+        yield
+    finally:
+        net.train(was_training)
 
 
 def _batch_size(labels: torch.Tensor) -> int:

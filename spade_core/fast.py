@@ -168,7 +168,7 @@ class FastGenerator(nn.Module):
                 module.to(dtype=dtype)
         self.to(memory_format=torch.channels_last)
         self.requires_grad_(False)
-        self._forward = torch.compile(self._run, dynamic=False) if compile else self._run
+        self._forward = torch.compile(self._run, dynamic=False, options={"freezing": True}) if compile else self._run
 
     @property
     def device(self) -> torch.device:
