@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrizations, parametrize
+from torch.nn.utils import parametrizations
 
 from .config import SpadeConfig
 
@@ -45,21 +45,6 @@ class SPADE(nn.Module):
 def spectral(module: nn.Module, enabled: bool = True) -> nn.Module:
     """Spectral norm on ``module.weight`` (torch's parametrisation), or the module itself."""
     return parametrizations.spectral_norm(module) if enabled else module
-
-
-def has_spectral_norm(module: nn.Module) -> bool:
-    return parametrize.is_parametrized(module, "weight")
-
-
-def remove_spectral_norm(module: nn.Module) -> nn.Module:
-    """Fold every spectral norm into a plain weight, as it acts in eval mode (no power iteration)."""
-    for sub in list(module.modules()):
-        if parametrize.is_parametrized(sub, "weight"):
-            was_training = sub.training
-            sub.eval()  # eval: sigma from the stored u, v, without updating them
-            parametrize.remove_parametrizations(sub, "weight", leave_parametrized=True)
-            sub.train(was_training)
-    return module
 
 
 # ---------------------------------------------------------------------------------------
