@@ -29,7 +29,7 @@ def test_xavier_normal_gain_002_and_zero_biases() -> None:
                 fan_in, fan_out = w[0].numel(), w.shape[0] * w[0, 0].numel()
                 expected = 0.02 * math.sqrt(2.0 / (fan_in + fan_out))
                 if w.numel() > 2000:
-                    assert abs(float(w.std()) / expected - 1) < 0.1, name
+                    assert abs(float(w.detach().std()) / expected - 1) < 0.1, name
                 if m.bias is not None:
                     assert torch.count_nonzero(m.bias) == 0, name
                 convs += 1
