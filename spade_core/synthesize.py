@@ -18,7 +18,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .checkpoint import SpadeModel, build_model, load_checkpoint
-from .config import EncoderConfig, GeneratorConfig, ModelConfig
+from .config import GeneratorConfig, ModelConfig
 from .semantics import colorize
 from .testing import randomize_weights
 
@@ -54,11 +54,9 @@ def to_pil(image: torch.Tensor) -> Image.Image:
 
 
 def tiny_model(seed: int = 0) -> SpadeModel:
-    """A freshly initialised small ADE20K VAE model (ngf 16, 256x256), for trying the pipeline."""
-    config = ModelConfig(
-        generator=GeneratorConfig(ngf=16, z_dim=256),
-        encoder=EncoderConfig(ndf=16),
-    )
+    """A small ADE20K model (ngf 16, 256x256, label-map input) with random, trained-like
+    weights: untrained, it shows the label layout in flat colours, for trying the pipeline."""
+    config = ModelConfig(generator=GeneratorConfig(ngf=16))
     return randomize_weights(build_model(config, discriminator=False, seed=seed), seed=seed).eval()
 
 

@@ -25,7 +25,7 @@ def test_synthesize_tiny_model_writes_an_image(tmp_path: Path, capsys: pytest.Ca
     assert image.shape == (256, 256, 3)
     assert image.std() > 1  # not a flat image
     assert "wrote" in capsys.readouterr().out
-    # same seed, same image
+    # the tiny model and its synthesis are deterministic
     again = tmp_path / "again.png"
     synthesize_main(["--tiny", "--labels", str(ADE_LABEL), "--out", str(again), "--seed", "3"])
     assert np.array_equal(np.array(Image.open(again)), image)

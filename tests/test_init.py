@@ -34,7 +34,7 @@ def test_xavier_normal_gain_002_and_zero_biases() -> None:
                     assert torch.count_nonzero(m.bias) == 0, name
                 convs += 1
             elif isinstance(m, nn.BatchNorm2d) and m.affine:
-                assert abs(float(m.weight.mean()) - 1) < 0.02 and float(m.weight.std()) < 0.05, name
+                assert abs(float(m.weight.detach().mean()) - 1) < 0.02 and float(m.weight.detach().std()) < 0.05, name
                 assert torch.count_nonzero(m.bias) == 0
     assert convs > 50
 
