@@ -43,3 +43,26 @@ def load_fixture_inputs(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+# ---------------------------------------------------------------------------------------
+# Ray: one small local cluster per test session, started only by tests that ask for it.
+
+RAY_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    "RAY_DEDUP_LOGS": "0",
+}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():  # type: ignore[no-untyped-def]
+    """A local Ray with 2 logical CPUs: the size of this machine, so a resource set-up that
+    would starve Ray Data (and hang) on a 2-core node fails here too."""
+    os.environ.update(RAY_ENV)
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

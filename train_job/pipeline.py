@@ -1,0 +1,169 @@
+"""Ray Data streaming: Parquet shards -> decode + augment -> per-worker batches for training.
+
+    read_parquet (the manifest's shards, one read task per shard, file order reshuffled
+    each epoch from the seed) -> randomize_block_order -> map_batches(decode + augment)
+    -> Ray Train's equal per-worker split -> iter_torch_batches (whole batches only).
+
+Images travel as uint8 (H, W, 3), a quarter of float32; :func:`iter_training_batches`
+turns them into the [-1, 1] float tensors the networks take, on the worker.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow.fs as pafs
+import torch
+from PIL import Image
+
+from spade_core.config import LabelConfig
+from spade_core.preprocess import (
+    PreprocessConfig,
+    sample_params,
+    to_unit_range,
+    transform_image_uint8,
+    transform_instance,
+    transform_label,
+)
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """The shards of one split, as the manifest lists them."""
+
+    filesystem: pafs.FileSystem
+    paths: list[str]
+    count: int
+    labels: LabelConfig
+    has_instance: bool
+
+
+def open_shards(root: str, split: str) -> ShardSet:
+    """Read ``root/manifest.json`` (local path or URI) and resolve the split's shard files."""
+    fs, base = pafs.FileSystem.from_uri(root) if "://" in root else (pafs.LocalFileSystem(), _abs(root))
+    try:
+        with fs.open_input_stream(f"{base}/{MANIFEST}") as f:
+            manifest = json.loads(f.read())
+    except FileNotFoundError as exc:
+        raise ValueError(f"{root} has no {MANIFEST}: prepare the data first (python -m train_job.prepare ...)") from exc
+    splits = manifest.get("splits", {})
+    if split not in splits:
+        raise ValueError(f"{root} has no '{split}' split; prepared splits: {sorted(splits)}")
+    entry = splits[split]
+    if not entry["shards"] or entry["count"] < 1:
+        raise ValueError(f"the '{split}' split in {root} is empty")
+    labels = LabelConfig(**manifest["labels"])
+    paths = [f"{base}/{name}" for name in entry["shards"]]
+    return ShardSet(fs, paths, int(entry["count"]), labels, labels.instance_edges)
+
+
+def _abs(path: str) -> str:
+    import os
+
+    return os.path.abspath(path)
+
+
+def build_dataset(
+    root: str,
+    *,
+    split: str,
+    preprocess: PreprocessConfig,
+    train: bool = True,
+    seed: int | None = 0,
+    decode_cpus: float = 1.0,
+    decode_batch_size: int = 16,
+) -> Any:
+    """A lazy Ray Dataset of preprocessed examples: columns ``image`` (uint8 H×W×3),
+    ``label`` (int32 H×W raw ids), ``instance`` (int32 H×W, instance-edge datasets only).
+
+    Training: file and block order are reshuffled every execution (epoch), deterministically
+    from ``seed`` (``reseed_after_execution``); crops and flips are drawn afresh each epoch.
+    """
+    import ray.data
+
+    shards = open_shards(root, split)
+    columns = ["key", "width", "height", "image", "label"] + (["instance"] if shards.has_instance else [])
+    shuffle = ray.data.FileShuffleConfig(seed=seed) if train else None
+    # One read task per shard file: the default packs small files into ~128 MiB tasks, so a
+    # whole epoch would decode in one task and the first batch would come at its end.
+    ds = ray.data.read_parquet(
+        shards.paths, filesystem=shards.filesystem, shuffle=shuffle, override_num_blocks=len(shards.paths)
+    ).select_columns(columns)
+    if train:
+        ds = ds.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=seed))
+    return ds.map_batches(
+        decode_augment,
+        fn_kwargs={"preprocess": preprocess, "train": train, "seed": None if train else seed},
+        batch_size=decode_batch_size,
+        batch_format="numpy",
+        num_cpus=decode_cpus,
+    )
+
+
+def decode_augment(
+    batch: dict[str, np.ndarray], *, preprocess: PreprocessConfig, train: bool, seed: int | None
+) -> dict[str, np.ndarray]:
+    """Decode a batch of encoded pairs and apply the reference's preprocessing.
+
+    With ``seed`` set, each example's crop and flip come from (seed, key) alone (for
+    evaluation and tests); otherwise from fresh entropy, so every epoch sees new crops.
+    """
+    images, labels, instances = [], [], []
+    has_instance = "instance" in batch
+    for i, key in enumerate(batch["key"]):
+        rng = np.random.default_rng([seed, zlib.crc32(str(key).encode())] if seed is not None else None)
+        with Image.open(io.BytesIO(batch["image"][i])) as img, Image.open(io.BytesIO(batch["label"][i])) as lab:
+            params = sample_params(preprocess, img.size, rng, train=train)
+            images.append(transform_image_uint8(img, preprocess, params))
+            labels.append(transform_label(lab, preprocess, params).astype(np.int32))
+            if has_instance:
+                with Image.open(io.BytesIO(batch["instance"][i])) as inst:
+                    instances.append(transform_instance(inst, preprocess, params).astype(np.int32))
+    out = {"key": np.asarray(batch["key"]), "image": np.stack(images), "label": np.stack(labels)}
+    if has_instance:
+        out["instance"] = np.stack(instances)
+    return out
+
+
+def iter_training_batches(
+    shard: Any,
+    *,
+    batch_size: int,
+    epoch: int,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    shuffle_buffer: int = 0,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """One epoch of whole batches from a worker's dataset shard.
+
+    Yields ``image`` float32 (B, 3, H, W) in [-1, 1], ``label`` int64 (B, H, W) raw ids and,
+    for instance-edge datasets, ``instance`` int64 (B, H, W). ``drop_last`` keeps every
+    worker at the same number of steps (DDP's collectives deadlock otherwise; Ray Train
+    splits the rows equally).
+    """
+    for batch in shard.iter_torch_batches(
+        batch_size=batch_size,
+        drop_last=True,
+        local_shuffle_buffer_size=shuffle_buffer or None,
+        local_shuffle_seed=(seed * 100_003 + epoch) if shuffle_buffer else None,
+        collate_fn=_collate,
+        device="cpu",
+    ):
+        yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _collate(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    # exactly the reference's ToTensor + Normalize(0.5, 0.5) values
+    image = to_unit_range(torch.from_numpy(np.ascontiguousarray(batch["image"]))).permute(0, 3, 1, 2).contiguous()
+    out = {"image": image, "label": torch.from_numpy(batch["label"]).long()}
+    if "instance" in batch:
+        out["instance"] = torch.from_numpy(batch["instance"]).long()
+    return out
