@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow.fs as pafs
 import torch
 from PIL import Image
+from ray.data.collate_fn import NumpyBatchCollateFn
 
 from spade_core.config import LabelConfig
 from spade_core.preprocess import (
@@ -92,11 +93,17 @@ def build_dataset(
     shards = open_shards(root, split)
     columns = ["key", "width", "height", "image", "label"] + (["instance"] if shards.has_instance else [])
     shuffle = ray.data.FileShuffleConfig(seed=seed) if train else None
-    # One read task per shard file: the default packs small files into ~128 MiB tasks, so a
-    # whole epoch would decode in one task and the first batch would come at its end.
-    ds = ray.data.read_parquet(
-        shards.paths, filesystem=shards.filesystem, shuffle=shuffle, override_num_blocks=len(shards.paths)
-    ).select_columns(columns)
+    # One read task per shard file. Ray 2.60's default Parquet reader (datasource V2) packs
+    # files into ~128 MiB read tasks, so a whole epoch became one block decoded by one task
+    # and the first batch came at its end; the V1 reader honours override_num_blocks.
+    context = ray.data.DataContext.get_current()
+    v2, context.use_datasource_v2 = context.use_datasource_v2, False
+    try:
+        ds = ray.data.read_parquet(
+            shards.paths, filesystem=shards.filesystem, shuffle=shuffle, override_num_blocks=len(shards.paths)
+        ).select_columns(columns)
+    finally:
+        context.use_datasource_v2 = v2
     if train:
         ds = ds.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=seed))
     return ds.map_batches(
@@ -154,10 +161,17 @@ def iter_training_batches(
         drop_last=True,
         local_shuffle_buffer_size=shuffle_buffer or None,
         local_shuffle_seed=(seed * 100_003 + epoch) if shuffle_buffer else None,
-        collate_fn=_collate,
+        collate_fn=_Collate(),
         device="cpu",
     ):
         yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+class _Collate(NumpyBatchCollateFn):
+    """uint8 HWC images -> [-1, 1] float CHW; ids -> int64."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        return _collate(batch)
 
 
 def _collate(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
