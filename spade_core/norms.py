@@ -51,18 +51,26 @@ def spectral(module: nn.Module, enabled: bool = True) -> nn.Module:
 # Synced batch norm
 
 
-class SyncBatchNorm(nn.SyncBatchNorm):
+class SyncBatchNorm(nn.BatchNorm2d):
     """Batch norm over the global batch of a ``torch.distributed`` process group.
 
-    On CUDA it is exactly ``torch.nn.SyncBatchNorm``. On the CPU (gloo), which torch's
-    refuses, the per-channel sums are all-reduced with a differentiable collective, so
-    gradients flow through the global statistics (every rank must run the backward).
-    Outside a process group, or in eval mode, it is plain batch norm. State-dict keys equal ``BatchNorm2d``'s.
+    On CUDA it runs ``torch.nn.SyncBatchNorm``'s own computation. On the CPU (gloo), which
+    torch's refuses, the per-channel sums are all-reduced with a differentiable collective,
+    so gradients flow through the global statistics (every rank must run the backward).
+    Outside a process group, or in eval mode, it is plain batch norm. State-dict keys equal
+    ``BatchNorm2d``'s. It subclasses ``BatchNorm2d``, not ``torch.nn.SyncBatchNorm``, because
+    DistributedDataParallel refuses to wrap CPU modules holding the latter.
     """
 
+    def __init__(self, num_features: int, *, process_group: object | None = None, **kwargs: object) -> None:
+        super().__init__(num_features, **kwargs)  # type: ignore[arg-type]
+        self.process_group = process_group
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - torch's name
-        if input.is_cuda or not self._needs_sync():
+        if not self._needs_sync():
             return super().forward(input)
+        if input.is_cuda:
+            return nn.SyncBatchNorm.forward(self, input)  # type: ignore[arg-type]
         return _cpu_sync_batch_norm(self, input)
 
     def _needs_sync(self) -> bool:
@@ -70,6 +78,9 @@ class SyncBatchNorm(nn.SyncBatchNorm):
             return False
         group = self.process_group or torch.distributed.group.WORLD
         return torch.distributed.get_world_size(group) > 1
+
+    # torch.nn.SyncBatchNorm.forward calls this on CUDA
+    _check_non_zero_input_channels = nn.SyncBatchNorm._check_non_zero_input_channels
 
 
 class _AllReduceSum(torch.autograd.Function):

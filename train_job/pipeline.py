@@ -176,7 +176,8 @@ class _Collate(NumpyBatchCollateFn):
 
 def _collate(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     # exactly the reference's ToTensor + Normalize(0.5, 0.5) values
-    image = to_unit_range(torch.from_numpy(np.ascontiguousarray(batch["image"]))).permute(0, 3, 1, 2).contiguous()
+    pixels = torch.from_numpy(np.require(batch["image"], requirements=["C", "W"]))  # Ray hands out read-only arrays
+    image = to_unit_range(pixels).permute(0, 3, 1, 2).contiguous()
     out = {"image": image, "label": torch.from_numpy(batch["label"]).long()}
     if "instance" in batch:
         out["instance"] = torch.from_numpy(batch["instance"]).long()

@@ -1,0 +1,94 @@
+"""``python -m train_job --config cluster/configs/tiny.yaml [--set key=value ...]`` (or ``spade-train``).
+
+Without a Ray address (``RAY_ADDRESS`` or ``--address``) it starts a local Ray and trains
+there; under ``ray job submit`` the job joins the cluster. Rerunning with the same
+``storage.path`` and ``storage.name`` resumes that run from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from .config import TrainConfig, load_train_config
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+
+
+def build_trainer(cfg: TrainConfig, *, extra_loop_config: dict[str, Any] | None = None) -> Any:
+    """The TorchTrainer for ``cfg`` (Ray must be initialised)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from .pipeline import build_dataset, open_shards
+
+    shards = open_shards(cfg.data.shards, cfg.data.split)
+    if shards.labels.semantic_nc != cfg.model.labels.semantic_nc or shards.labels.label_nc != cfg.model.labels.label_nc:
+        raise ValueError(
+            f"the shards in {cfg.data.shards} hold {shards.labels.dataset} labels (label_nc {shards.labels.label_nc}, "
+            f"instance maps {shards.labels.instance_edges}) but model.labels says label_nc {cfg.model.labels.label_nc}, "
+            f"instance_edges {cfg.model.labels.instance_edges}"
+        )
+    dataset = build_dataset(
+        cfg.data.shards, split=cfg.data.split, preprocess=cfg.data.preprocess, train=True, seed=cfg.data.seed,
+        decode_cpus=cfg.data.decode_cpus,
+    )
+    from .loop import train_loop_per_worker
+
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": cfg.to_dict(), "num_examples": shards.count, **(extra_loop_config or {})},
+        scaling_config=ray.train.ScalingConfig(**cfg.scaling.ray_kwargs()),
+        datasets={"train": dataset},
+        run_config=ray.train.RunConfig(
+            name=cfg.storage.name,
+            storage_path=cfg.storage.path,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+        ),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="spade-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="training YAML (see cluster/configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set optim.lr=1e-4 (repeatable)")
+    parser.add_argument("--resume", help="start from this training checkpoint directory")
+    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_train_config(args.config, args.overrides)
+        if args.resume:
+            cfg = replace(cfg, storage=replace(cfg.storage, resume_from=str(Path(args.resume).resolve())))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    import ray
+
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=True) if address else ray.init(log_to_driver=True)
+    try:
+        trainer = build_trainer(cfg)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result = trainer.fit()
+    if result.error is not None:
+        print(f"training failed: {result.error}", file=sys.stderr)
+        return 1
+    latest = result.checkpoint.path if result.checkpoint is not None else None
+    print(f"run directory: {os.path.join(cfg.storage.path, cfg.storage.name)}")
+    print(f"latest checkpoint (serve_app loads this): {latest}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

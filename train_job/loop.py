@@ -1,0 +1,281 @@
+"""``train_loop_per_worker``: what every Ray Train worker runs.
+
+Build the networks -> synced batch norm (more than one worker) -> DDP -> resume from the
+latest checkpoint if there is one -> epochs of the reference's G step + D step, with the
+LR schedule, AMP, EMA, checkpoints, metrics and sample grids.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import spade_core
+from spade_core.losses import build_vgg_loss
+from spade_core.norms import convert_sync_batchnorm
+
+from .checkpointing import TrainState, read_training_checkpoint, write_training_checkpoint
+from .config import TrainConfig
+from .metrics import MetricsLog, Throughput, save_sample_grid, start_prometheus
+from .pipeline import iter_training_batches
+from .steps import Networks, discriminator_losses, generator_losses, semantics_of
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class EMA:
+    """Exponential moving average of a network's parameters; buffers follow the network."""
+
+    def __init__(self, net: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = copy.deepcopy(net).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, net: nn.Module) -> None:
+        for s, p in zip(self.shadow.parameters(), net.parameters()):
+            s.lerp_(p.detach(), 1.0 - self.decay)
+        for s, b in zip(self.shadow.buffers(), net.buffers()):
+            s.copy_(b)
+
+
+def steps_per_epoch(count: int, *, workers: int, worker_batch: int) -> int:
+    """Whole batches each worker gets: Ray Train splits rows equally (the remainder is dropped)."""
+    return (count // workers) // worker_batch
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg = TrainConfig.from_dict(loop_config["train"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    distributed = world > 1 and torch.distributed.is_initialized()
+
+    model = spade_core.build_model(cfg.model, seed=cfg.data.seed).to(device).train()
+    if distributed and cfg.scaling.sync_batchnorm:
+        for name in ("generator", "encoder", "discriminator"):
+            if getattr(model, name) is not None:
+                setattr(model, name, convert_sync_batchnorm(getattr(model, name)))
+    if cfg.optim.channels_last:
+        model.to(memory_format=torch.channels_last)
+    ema = EMA(model.generator, cfg.optim.ema_decay) if cfg.optim.ema_decay is not None else None
+
+    g_params = list(model.generator.parameters()) + (list(model.encoder.parameters()) if model.encoder else [])
+    optimizers = {
+        "generator": torch.optim.Adam(g_params, lr=cfg.optim.lr_g, betas=cfg.optim.betas),
+        "discriminator": torch.optim.Adam(model.discriminator.parameters(), lr=cfg.optim.lr_d, betas=cfg.optim.betas),
+    }
+    scaler = torch.amp.GradScaler(device.type) if cfg.optim.uses_grad_scaler else None
+
+    state = TrainState()
+    checkpoint = ray.train.get_checkpoint()
+    resume_dir = None
+    if checkpoint is not None:
+        resume_dir = checkpoint.to_directory()
+    elif cfg.storage.resume_from:
+        resume_dir = cfg.storage.resume_from
+    if resume_dir is not None:
+        state = read_training_checkpoint(
+            Path(resume_dir), model=model, ema_generator=ema.shadow if ema else None, optimizers=optimizers, scaler=scaler
+        )
+        if rank == 0:
+            print(f"resumed from {resume_dir} at step {state.step} (epoch {state.epoch}, +{state.epoch_step})", flush=True)
+
+    nets = Networks(
+        generator=_ddp(model.generator, device, distributed),
+        discriminator=_ddp(model.discriminator, device, distributed),
+        encoder=_ddp(model.encoder, device, distributed) if model.encoder is not None else None,
+    )
+    vgg = build_vgg_loss(cfg.loss, device=device)
+    run_dir = _run_dir(cfg)
+    log = None
+    if rank == 0:
+        prometheus = cfg.logging.metrics_port is not None and start_prometheus(cfg.logging.metrics_port, cfg.logging.metrics_host)
+        log = MetricsLog(run_dir, prometheus=prometheus)
+
+    count = int(loop_config["num_examples"])
+    per_epoch = steps_per_epoch(count, workers=world, worker_batch=cfg.worker_batch_size)
+    if per_epoch < 1:
+        raise ValueError(
+            f"{count} examples over {world} workers give no whole batch of {cfg.worker_batch_size} per worker; "
+            "lower data.batch_size or add data"
+        )
+    fail_at = loop_config.get("fail_at_step")  # fault-injection hook for tests
+    stop_at = loop_config.get("stop_at_step")  # end early after a checkpoint (tests)
+    shard = ray.train.get_dataset_shard("train")
+    amp_dtype = AMP_DTYPES.get(cfg.optim.precision)
+    throughput = Throughput()
+
+    for epoch in range(state.epoch, cfg.optim.total_epochs):
+        lr_g, lr_d = cfg.optim.learning_rates(epoch)
+        _set_lr(optimizers["generator"], lr_g)
+        _set_lr(optimizers["discriminator"], lr_d)
+        torch.manual_seed(hash((cfg.data.seed, rank, epoch, state.step)) % (2**31))
+        skip = state.epoch_step if epoch == state.epoch else 0
+        state.epoch, state.epoch_step = epoch, skip
+        batches = iter_training_batches(
+            shard, batch_size=cfg.worker_batch_size, epoch=epoch, seed=cfg.data.seed, device=device,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+        )
+        t_wait = time.perf_counter()
+        for i, batch in enumerate(batches):
+            if i >= per_epoch:
+                break  # every worker runs exactly per_epoch steps
+            if i < skip:
+                t_wait = time.perf_counter()
+                continue  # resumed mid-epoch: these batches were trained on before the checkpoint
+            data_wait = time.perf_counter() - t_wait
+            t_step = time.perf_counter()
+            if fail_at is not None and state.step == fail_at and rank == world - 1 and _first_attempt(run_dir):
+                os._exit(1)  # a worker dies; Ray Train restarts the group from the last checkpoint
+            if cfg.optim.channels_last:
+                batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+            terms = _iteration(cfg, nets, model, batch, optimizers, scaler, vgg, ema, amp_dtype, state.step, device)
+            state.step += 1
+            state.epoch_step += 1
+            step_s = time.perf_counter() - t_step
+            rate = throughput.add(cfg.data.batch_size)
+
+            if log is not None and state.step % cfg.logging.every_steps == 0:
+                record = {"step": state.step, "epoch": epoch, **terms, "images_per_s": rate, "step_s": step_s,
+                          "data_wait_s": data_wait, "lr_g": lr_g, "lr_d": lr_d, "workers": world, "time": time.time()}
+                log.record(record, images=cfg.data.batch_size * cfg.logging.every_steps, step_seconds=step_s, data_wait=data_wait)
+                log.print_line(record)
+                throughput.reset()
+            if rank == 0 and cfg.logging.sample_grid_every_steps and state.step % cfg.logging.sample_grid_every_steps == 0:
+                _sample_grid(run_dir / "samples" / f"step_{state.step:08d}.png", model, ema, batch, device)
+            end_of_epoch = state.epoch_step == per_epoch
+            if end_of_epoch:
+                state.epoch, state.epoch_step = epoch + 1, 0
+            if (cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0) or (
+                end_of_epoch and cfg.checkpoint.at_epoch_end
+            ):
+                _report(cfg, loop_config, model, ema, optimizers, scaler, state, terms, rank)
+            if stop_at is not None and state.step >= stop_at:
+                return
+            t_wait = time.perf_counter()
+
+
+def _iteration(
+    cfg: TrainConfig,
+    nets: Networks,
+    model: spade_core.SpadeModel,
+    batch: dict[str, torch.Tensor],
+    optimizers: dict[str, torch.optim.Optimizer],
+    scaler: torch.amp.GradScaler | None,
+    vgg: Any,
+    ema: EMA | None,
+    amp_dtype: torch.dtype | None,
+    step: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """The reference's iteration: a generator step (every d_steps_per_g-th), then a discriminator step."""
+    real = batch["image"]
+    semantics = semantics_of(batch, cfg.model.labels)
+    terms: dict[str, float] = {}
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    if step % cfg.optim.d_steps_per_g == 0:
+        opt = optimizers["generator"]
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            g_terms, _ = generator_losses(nets, semantics, real, loss=cfg.loss, vgg=vgg)
+        _backward_step(sum(g_terms.values()), opt, scaler, cfg.optim.grad_clip)
+        if ema is not None:
+            ema.update(model.generator)
+        terms.update({k: float(v.detach()) for k, v in g_terms.items()})
+    opt = optimizers["discriminator"]
+    opt.zero_grad(set_to_none=True)
+    with autocast:
+        d_terms = discriminator_losses(nets, semantics, real, loss=cfg.loss)
+    _backward_step(sum(d_terms.values()), opt, scaler, cfg.optim.grad_clip)
+    terms.update({k: float(v.detach()) for k, v in d_terms.items()})
+    return terms
+
+
+def _backward_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, clip: float | None) -> None:
+    params = [p for group in opt.param_groups for p in group["params"]]
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        if clip is not None:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        scaler.step(opt)
+        scaler.update()
+        return
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    opt.step()
+
+
+def _report(cfg, loop_config, model, ema, optimizers, scaler, state, terms, rank) -> None:  # type: ignore[no-untyped-def]
+    """Every rank reports (it is a barrier); rank 0 attaches the checkpoint."""
+    import tempfile
+
+    import ray.train
+
+    metrics = {"step": state.step, "epoch": state.epoch, **terms}
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        write_training_checkpoint(
+            Path(tmp), model=model, ema_generator=ema.shadow if ema else None, optimizers=optimizers,
+            scaler=scaler, state=state, train_config=loop_config["train"],
+        )
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+@torch.no_grad()
+def _sample_grid(path: Path, model: spade_core.SpadeModel, ema: EMA | None, batch: dict[str, torch.Tensor], device: torch.device) -> None:
+    generator = ema.shadow if ema is not None else model.generator
+    semantics = semantics_of(batch, model.config.labels)
+    was_training = generator.training
+    generator.eval()
+    z = None
+    if model.encoder is not None:
+        was_enc = model.encoder.training
+        model.encoder.eval()
+        z, _ = model.encoder(batch["image"])
+        model.encoder.train(was_enc)
+    fake = generator(semantics, z=z)
+    generator.train(was_training)
+    save_sample_grid(path, batch["label"], fake, batch["image"], model.classes)
+
+
+def _ddp(net: nn.Module, device: torch.device, distributed: bool) -> nn.Module:
+    if not distributed:
+        return net
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(net, device_ids=ids)
+
+
+def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+def _run_dir(cfg: TrainConfig) -> Path:
+    """Where rank 0 writes metrics.jsonl and samples: the run's folder for local storage,
+    else the worker's working directory (Ray's per-run artifacts folder)."""
+    if "://" not in cfg.storage.path or cfg.storage.path.startswith("file://"):
+        return Path(cfg.storage.path.removeprefix("file://")) / cfg.storage.name
+    return Path.cwd()
+
+
+def _first_attempt(run_dir: Path) -> bool:
+    marker = run_dir / ".fault_injected"
+    if marker.exists():
+        return False
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("1")
+    return True
