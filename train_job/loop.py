@@ -78,17 +78,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     state = TrainState()
     checkpoint = ray.train.get_checkpoint()
-    resume_dir = None
     if checkpoint is not None:
-        resume_dir = checkpoint.to_directory()
+        # as_directory, not to_directory: every rank reads at once, and to_directory makes
+        # them copy into the same temporary folder while others read from it.
+        with checkpoint.as_directory() as resume_dir:
+            state = _resume(Path(resume_dir), model, ema, optimizers, scaler, rank)
     elif cfg.storage.resume_from:
-        resume_dir = cfg.storage.resume_from
-    if resume_dir is not None:
-        state = read_training_checkpoint(
-            Path(resume_dir), model=model, ema_generator=ema.shadow if ema else None, optimizers=optimizers, scaler=scaler
-        )
-        if rank == 0:
-            print(f"resumed from {resume_dir} at step {state.step} (epoch {state.epoch}, +{state.epoch_step})", flush=True)
+        state = _resume(Path(cfg.storage.resume_from), model, ema, optimizers, scaler, rank)
 
     nets = Networks(
         generator=_ddp(model.generator, device, distributed),
@@ -163,6 +159,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if stop_at is not None and state.step >= stop_at:
                 return
             t_wait = time.perf_counter()
+    if loop_config.get("dump_norm_stats_dir"):  # tests: is batch norm synced across ranks?
+        stats = {k: v for k, v in model.generator.state_dict().items() if k.endswith(("running_mean", "running_var"))}
+        torch.save(stats, Path(loop_config["dump_norm_stats_dir"]) / f"rank{rank}.pt")
+
+
+def _resume(path: Path, model, ema, optimizers, scaler, rank: int) -> TrainState:  # type: ignore[no-untyped-def]
+    state = read_training_checkpoint(
+        path, model=model, ema_generator=ema.shadow if ema else None, optimizers=optimizers, scaler=scaler
+    )
+    if rank == 0:
+        print(f"resumed from {path} at step {state.step} (epoch {state.epoch}, +{state.epoch_step})", flush=True)
+    return state
 
 
 def _iteration(
