@@ -107,6 +107,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         )
     fail_at = loop_config.get("fail_at_step")  # fault-injection hook for tests
     stop_at = loop_config.get("stop_at_step")  # end early after a checkpoint (tests)
+    deadline = loop_config.get("time_budget_s")  # end with a checkpoint after this long (benchmarks)
+    started = time.monotonic()
     shard = ray.train.get_dataset_shard("train")
     amp_dtype = AMP_DTYPES.get(cfg.optim.precision)
     throughput = Throughput()
@@ -152,11 +154,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             end_of_epoch = state.epoch_step == per_epoch
             if end_of_epoch:
                 state.epoch, state.epoch_step = epoch + 1, 0
+            # all ranks must agree to stop at the same step: decide from rank 0's clock
+            out_of_time = deadline is not None and _broadcast_flag(time.monotonic() - started > deadline, distributed)
             if (cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0) or (
                 end_of_epoch and cfg.checkpoint.at_epoch_end
-            ):
+            ) or out_of_time:
                 _report(cfg, loop_config, model, ema, optimizers, scaler, state, terms, rank)
-            if stop_at is not None and state.step >= stop_at:
+            if (stop_at is not None and state.step >= stop_at) or out_of_time:
                 return
             t_wait = time.perf_counter()
     if loop_config.get("dump_norm_stats_dir"):  # tests: is batch norm synced across ranks?
@@ -258,6 +262,14 @@ def _sample_grid(path: Path, model: spade_core.SpadeModel, ema: EMA | None, batc
     fake = generator(semantics, z=z)
     generator.train(was_training)
     save_sample_grid(path, batch["label"], fake, batch["image"], model.classes)
+
+
+def _broadcast_flag(flag: bool, distributed: bool) -> bool:
+    if not distributed:
+        return flag
+    t = torch.tensor([int(flag)])
+    torch.distributed.broadcast(t, src=0)
+    return bool(t.item())
 
 
 def _ddp(net: nn.Module, device: torch.device, distributed: bool) -> nn.Module:
