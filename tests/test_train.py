@@ -127,3 +127,20 @@ def test_cli_reports_bad_configs_and_mismatched_shards(shards: Path, tmp_path: P
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 2 and "label_nc" in result.stderr
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_channels_last_and_clipping_train_one_worker(ray_cluster, shards: Path, tmp_path: Path, precision: str) -> None:  # type: ignore[no-untyped-def]
+    cfg = tiny_config(
+        shards, tmp_path, f"amp_{precision}", f"optim.precision={precision}", "optim.channels_last=true",
+        "optim.grad_clip=1.0", "optim.ema_decay=null", "scaling.num_workers=1", "optim.niter_decay=1",
+    )
+    result = build_trainer(cfg, extra_loop_config={"stop_at_step": 2}).fit()  # fp16 convs are slow on CPUs
+    assert result.error is None
+    state = saved_state(result.checkpoint.path)
+    assert state["state"]["step"] == 2
+    assert (state["scaler"] is not None) == (precision == "fp16")
+    records = metrics(tmp_path, f"amp_{precision}")
+    assert all(all(v == v for k, v in m.items() if k.startswith(("G_", "D_"))) for m in records)  # no NaN
+    model = spade_core.load_checkpoint(result.checkpoint.path)
+    assert torch.isfinite(model.synthesize(torch.zeros(1, 64, 64, dtype=torch.long))).all()
