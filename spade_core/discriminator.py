@@ -8,6 +8,7 @@ from torch import nn
 
 from .blocks import conv_norm
 from .config import DiscriminatorConfig
+from .labelmap import LabelMap
 
 
 class NLayerDiscriminator(nn.Module):
@@ -28,12 +29,40 @@ class NLayerDiscriminator(nn.Module):
         for i, layer in enumerate(layers):
             self.add_module(f"model{i}", layer)
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, labels: LabelMap | None = None, *, pool_levels: int = 0) -> list[torch.Tensor]:
+        """``x``: the dense input; or, with ``labels``, only the image channels (k * B images, the
+        B label maps repeated k times), the label channels' part of the first conv then being
+        a gather of ``labels`` average-pooled ``pool_levels`` times (see :class:`MultiscaleDiscriminator`)."""
         features = []
-        for layer in self.children():
+        layers = list(self.children())
+        if labels is not None:
+            x = self._first_layer(layers[0], x, labels, pool_levels)
+            features.append(x)
+            layers = layers[1:]
+        for layer in layers:
             x = layer(x)
             features.append(x)
         return features
+
+    @staticmethod
+    def _first_layer(layer: nn.Sequential, images: torch.Tensor, labels: LabelMap, pool_levels: int) -> torch.Tensor:
+        conv, act = layer[0], layer[1]
+        c_lab = labels.semantic_nc
+        if conv.weight.shape[1] != c_lab + images.shape[1]:
+            raise ValueError(
+                f"the discriminator takes {conv.weight.shape[1]} input channels; got {c_lab} label + {images.shape[1]} image channels"
+            )
+        reps, rem = divmod(images.shape[0], labels.batch_size)
+        if rem or reps == 0:
+            raise ValueError(f"{images.shape[0]} images do not repeat {labels.batch_size} label maps a whole number of times")
+        image_part = F.conv2d(images, conv.weight[:, c_lab:], conv.bias, conv.stride, conv.padding)
+        label_part = labels.conv(
+            conv.weight[:, :c_lab], None, stride=conv.stride[0], padding=conv.padding[0], pool_levels=pool_levels
+        )
+        if image_part.shape[1:] != label_part.shape[1:]:
+            raise ValueError(f"label map {labels.size} and images {tuple(images.shape[-2:])} differ in size")
+        both = image_part.unflatten(0, (reps, labels.batch_size)) + label_part.to(image_part.dtype)
+        return act(both.flatten(0, 1))
 
 
 class MultiscaleDiscriminator(nn.Module):
@@ -50,10 +79,17 @@ class MultiscaleDiscriminator(nn.Module):
         for i in range(config.num_D):
             self.add_module(f"discriminator_{i}", NLayerDiscriminator(config, input_nc=semantic_nc + config.image_nc))
 
-    def forward(self, x: torch.Tensor) -> list[list[torch.Tensor]]:
+    def forward(self, x: torch.Tensor, labels: LabelMap | None = None) -> list[list[torch.Tensor]]:
+        """``x``: the dense one-hot label map concatenated with the images (the reference's input).
+
+        Or the fast path: ``x`` only the images, (k * B, image_nc, H, W), and ``labels`` a
+        :class:`~spade_core.labelmap.LabelMap` of B maps that stand for the label channels of
+        every B images in turn (e.g. fakes then reals, k = 2). Each scale's first conv then
+        computes its label part as a gather, once per label map; same function and gradients.
+        """
         results = []
         for i, disc in enumerate(self.children()):
             if i > 0:
                 x = F.avg_pool2d(x, kernel_size=3, stride=2, padding=1, count_include_pad=False)
-            results.append(disc(x))
+            results.append(disc(x) if labels is None else disc(x, labels, pool_levels=i))
         return results

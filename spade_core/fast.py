@@ -20,13 +20,16 @@ from torch.nn.utils import parametrize
 from .blocks import SPADEResnetBlock
 from .config import LabelConfig
 from .generator import SPADEGenerator
+from .labelmap import LabelMap, conv_table, gather_indices  # noqa: F401 - gather_indices re-exported
 from .norms import SPADE
 
 
 class GatherConv(nn.Module):
     """A kxk conv (zero padding k//2) of a one-hot label map (+ optional binary edge channel), via gathers.
 
-    Input: gather indices from :func:`gather_indices`; output (B, C_out, H, W) channels_last.
+    Input: gather indices from :func:`gather_indices` (or a :class:`~spade_core.labelmap.LabelMap`
+    plan); output (B, C_out, H, W) channels_last. The table is :func:`~spade_core.labelmap.conv_table`'s,
+    frozen.
     """
 
     def __init__(self, conv: nn.Conv2d, *, num_labels: int, edges: bool, dtype: torch.dtype) -> None:
@@ -35,10 +38,7 @@ class GatherConv(nn.Module):
         c_out, c_in, k, _ = w.shape
         if c_in != num_labels + int(edges):
             raise ValueError(f"conv has {c_in} input channels, expected {num_labels + int(edges)}")
-        rows = num_labels + int(edges) + 1  # per tap: label rows, [edge row], one zero row
-        table = torch.zeros(k * k, rows, c_out, device=w.device)
-        table[:, :c_in] = w.permute(2, 3, 1, 0).reshape(k * k, c_in, c_out)
-        self.register_buffer("table", table.reshape(k * k * rows, c_out).to(dtype))
+        self.register_buffer("table", conv_table(w).to(dtype))
         bias = conv.bias.detach() if conv.bias is not None else torch.zeros(c_out, device=w.device)
         self.register_buffer("bias", bias.float().to(dtype))
         self.kernel_size = k
@@ -47,27 +47,6 @@ class GatherConv(nn.Module):
         b, h, w = shape
         out = F.embedding_bag(indices, self.table, mode="sum") + self.bias
         return out.view(b, h, w, -1).permute(0, 3, 1, 2)
-
-
-def gather_indices(
-    channels: torch.Tensor, *, num_labels: int, kernel_size: int, edges: torch.Tensor | None
-) -> torch.Tensor:
-    """(B, H, W) channel ids [+ edges] -> (B*H*W, bag) rows of a :class:`GatherConv` table."""
-    rows = num_labels + int(edges is not None) + 1
-    zero = rows - 1
-    pad = kernel_size // 2
-    b, h, w = channels.shape
-    padded = F.pad(channels, (pad, pad, pad, pad), value=zero)
-    sources = [padded]
-    if edges is not None:
-        sources.append(F.pad(torch.where(edges, num_labels, zero), (pad, pad, pad, pad), value=zero))
-    taps = []
-    for dy in range(kernel_size):
-        for dx in range(kernel_size):
-            offset = (dy * kernel_size + dx) * rows
-            for src in sources:
-                taps.append(src[:, dy : dy + h, dx : dx + w] + offset)
-    return torch.stack(taps, dim=-1).view(b * h * w, len(taps))
 
 
 class FastSPADE(nn.Module):
@@ -182,16 +161,10 @@ class FastGenerator(nn.Module):
 
     def _run(self, channels: torch.Tensor, z: torch.Tensor | None, edges: torch.Tensor | None) -> torch.Tensor:
         b = channels.shape[0]
-        cache: dict[tuple[int, int], torch.Tensor] = {}
+        labels = LabelMap(channels, self.num_labels, edges)
 
         def indices_at(h: int, w: int, kernel: int) -> torch.Tensor:
-            if (h, w, kernel) not in cache:
-                rows = _nearest_index(channels.shape[1], h, channels.device)
-                cols = _nearest_index(channels.shape[2], w, channels.device)
-                ch = channels[:, rows][:, :, cols]
-                ed = edges[:, rows][:, :, cols] if edges is not None else None
-                cache[(h, w, kernel)] = gather_indices(ch, num_labels=self.num_labels, kernel_size=kernel, edges=ed)
-            return cache[(h, w, kernel)]
+            return labels.plan(size=(h, w), kernel_size=kernel, stride=1, padding=kernel // 2).indices
 
         if self.fc is not None:
             x = self.fc(z.to(self.dtype)).view(b, 16 * self.ngf, self.sh, self.sw)
@@ -236,8 +209,3 @@ def plain_copy(layer: nn.Conv2d | nn.Linear) -> nn.Conv2d | nn.Linear:
         if bias is not None:
             copy.bias.copy_(bias)
     return copy
-
-
-def _nearest_index(size_in: int, size_out: int, device: torch.device) -> torch.Tensor:
-    """Source indices of ``F.interpolate(mode='nearest')``: floor(i * in / out)."""
-    return (torch.arange(size_out, device=device, dtype=torch.float64) * (size_in / size_out)).floor().long().clamp_max(size_in - 1)

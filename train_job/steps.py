@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from spade_core.config import LabelConfig
+from spade_core.labelmap import LabelMap, label_map
 from spade_core.losses import LossConfig, VGGLoss, feature_matching_loss, gan_loss, kld_loss, reparameterize
 from spade_core.semantics import semantic_input
 
@@ -26,12 +27,20 @@ class Networks:
     encoder: nn.Module | None = None
 
 
-def semantics_of(batch: dict[str, torch.Tensor], labels: LabelConfig) -> torch.Tensor:
-    """The one-hot (+ instance edge) network input of a batch from the data pipeline."""
+def semantics_of(
+    batch: dict[str, torch.Tensor], labels: LabelConfig, *, as_label_map: bool = False
+) -> torch.Tensor | LabelMap:
+    """The one-hot (+ instance edge) network input of a batch from the data pipeline.
+
+    ``as_label_map``: the equivalent :class:`~spade_core.labelmap.LabelMap` instead, which
+    the generator and discriminator take for their fast path (same function and gradients).
+    """
+    if as_label_map:
+        return label_map(batch["label"], labels, instance=batch.get("instance"))
     return semantic_input(batch["label"], labels, instance=batch.get("instance"))
 
 
-def generate(nets: Networks, semantics: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def generate(nets: Networks, semantics: torch.Tensor | LabelMap, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Fake images and, for VAE models, the unweighted KLD of the real images' style codes."""
     if nets.encoder is None:
         return nets.generator(semantics), None
@@ -41,12 +50,15 @@ def generate(nets: Networks, semantics: torch.Tensor, real: torch.Tensor) -> tup
 
 
 def discriminate(
-    discriminator: nn.Module, semantics: torch.Tensor, fake: torch.Tensor, real: torch.Tensor
+    discriminator: nn.Module, semantics: torch.Tensor | LabelMap, fake: torch.Tensor, real: torch.Tensor
 ) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
     """Fake and real through the discriminator in one batch (as the reference: batch-norm
     discriminators see both halves together), split back per scale and layer."""
-    both = torch.cat([torch.cat([semantics, fake], dim=1), torch.cat([semantics, real], dim=1)], dim=0)
-    outputs = discriminator(both)
+    if isinstance(semantics, LabelMap):  # the label channels' conv as a gather, once for both halves
+        outputs = discriminator(torch.cat([fake, real], dim=0), labels=semantics)
+    else:
+        both = torch.cat([torch.cat([semantics, fake], dim=1), torch.cat([semantics, real], dim=1)], dim=0)
+        outputs = discriminator(both)
     n = fake.shape[0]
     pred_fake = [[f[:n] for f in scale] for scale in outputs]
     pred_real = [[f[n:] for f in scale] for scale in outputs]
@@ -55,7 +67,7 @@ def discriminate(
 
 def generator_losses(
     nets: Networks,
-    semantics: torch.Tensor,
+    semantics: torch.Tensor | LabelMap,
     real: torch.Tensor,
     *,
     loss: LossConfig,
@@ -77,7 +89,7 @@ def generator_losses(
 
 
 def discriminator_losses(
-    nets: Networks, semantics: torch.Tensor, real: torch.Tensor, *, loss: LossConfig, fake: torch.Tensor | None = None
+    nets: Networks, semantics: torch.Tensor | LabelMap, real: torch.Tensor, *, loss: LossConfig, fake: torch.Tensor | None = None
 ) -> dict[str, torch.Tensor]:
     """Discriminator loss terms. Without ``fake``, new fakes are drawn without gradients, as the
     reference does; pass the generator step's fakes to save that forward pass."""
