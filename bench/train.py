@@ -1,6 +1,7 @@
 """Training-step speed: the reference's plain computation vs spade_core's trainable fast path.
 
-    python bench/train.py [--quick] [--iters 2] [--tiny-iters 8] [--no-workers]
+    python bench/train.py [--quick] [--iters 2] [--tiny-iters 8] [--no-workers] [--ade20k-batches 1 4]
+                           [--fused-adam] [--tune-malloc]
 
 One training iteration = generator step (G forward, discriminator on fake+real, hinge +
 feature matching [+ VGG19 perceptual, random VGG weights] losses, backward, Adam step) +
