@@ -40,6 +40,15 @@ def load_fixture_inputs(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return labels, style.float() / 255 * 2 - 1
 
 
+@pytest.fixture(scope="module")
+def one_thread():  # type: ignore[no-untyped-def]
+    """Tiny convs on a shared 2-core machine: one intra-op thread is several times faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
