@@ -108,6 +108,10 @@ class OptimConfig:
     d_steps_per_g: int = 1  # the generator steps on every d_steps_per_g-th batch; D on every batch
     precision: Precision = "fp32"  # autocast dtype; fp16 also needs a GradScaler (bf16 does not)
     channels_last: bool = False
+    # spade_core's trainable fast path: label-map convs as gathers, fused SPADE gamma/beta
+    # convs, fused spectral norm. The same function and gradients (to float rounding) as the
+    # reference's computation, which false restores (for comparisons).
+    fast_path: bool = True
     ema_decay: float | None = 0.999  # shadow copy of G's weights; null disables it
     grad_clip: float | None = None  # max global gradient norm per network; null: no clipping
 

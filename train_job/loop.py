@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import spade_core
 from spade_core.losses import build_vgg_loss
-from spade_core.norms import convert_sync_batchnorm
+from spade_core.norms import convert_sync_batchnorm, set_fast_training
 
 from .checkpointing import TrainState, read_training_checkpoint, write_training_checkpoint
 from .config import TrainConfig
@@ -50,6 +50,21 @@ def steps_per_epoch(count: int, *, workers: int, worker_batch: int) -> int:
     return (count // workers) // worker_batch
 
 
+def build_training_model(cfg: TrainConfig, *, device: torch.device, sync_batchnorm: bool) -> spade_core.SpadeModel:
+    """The networks as a worker trains them: synced batch norm (call it inside the process
+    group), the fast path and the memory format the config asks for."""
+    model = spade_core.build_model(cfg.model, seed=cfg.data.seed).to(device).train()
+    if sync_batchnorm:
+        for name in ("generator", "encoder", "discriminator"):
+            if getattr(model, name) is not None:
+                setattr(model, name, convert_sync_batchnorm(getattr(model, name)))
+    if cfg.optim.fast_path:
+        set_fast_training(model)
+    if cfg.optim.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -60,13 +75,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     distributed = world > 1 and torch.distributed.is_initialized()
 
-    model = spade_core.build_model(cfg.model, seed=cfg.data.seed).to(device).train()
-    if distributed and cfg.scaling.sync_batchnorm:
-        for name in ("generator", "encoder", "discriminator"):
-            if getattr(model, name) is not None:
-                setattr(model, name, convert_sync_batchnorm(getattr(model, name)))
-    if cfg.optim.channels_last:
-        model.to(memory_format=torch.channels_last)
+    model = build_training_model(cfg, device=device, sync_batchnorm=distributed and cfg.scaling.sync_batchnorm)
     ema = EMA(model.generator, cfg.optim.ema_decay) if cfg.optim.ema_decay is not None else None
 
     g_params = list(model.generator.parameters()) + (list(model.encoder.parameters()) if model.encoder else [])
@@ -92,6 +101,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         encoder=_ddp(model.encoder, device, distributed) if model.encoder is not None else None,
     )
     vgg = build_vgg_loss(cfg.loss, device=device)
+    if vgg is not None and cfg.optim.channels_last:
+        vgg.to(memory_format=torch.channels_last)
     run_dir = _run_dir(cfg)
     log = None
     if rank == 0:
@@ -192,7 +203,7 @@ def _iteration(
 ) -> dict[str, float]:
     """The reference's iteration: a generator step (every d_steps_per_g-th), then a discriminator step."""
     real = batch["image"]
-    semantics = semantics_of(batch, cfg.model.labels)
+    semantics = semantics_of(batch, cfg.model.labels, as_label_map=cfg.optim.fast_path)
     terms: dict[str, float] = {}
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     if step % cfg.optim.d_steps_per_g == 0:
