@@ -27,23 +27,26 @@ Imports no Ray: the driver and a CLI can check a config before touching a cluste
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
-import functools
-import math
 import os
 import re
 import sys
-import types
-import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
+from spade_core import configtools
 from spade_core.config import ModelConfig
+from spade_core.configtools import (
+    build,
+    check_fields,
+    check_tree,
+    dump_yaml_text,
+    join_key,
+    load_yaml,
+    require,
+)
 from spade_core.losses import LossConfig
 from spade_core.preprocess import PreprocessConfig, output_size
 
@@ -77,14 +80,14 @@ class DataConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_fields(self, "data")
-        _require(self.shards != "", "data.shards must be a path or URI, got ''")
+        check_fields(self, "data")
+        require(self.shards != "", "data.shards must be a path or URI, got ''")
         object.__setattr__(self, "shards", _absolute(self.shards))
-        _require(self.split != "", "data.split must be a split name (e.g. 'train'), got ''")
-        _require(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
-        _require(self.shuffle_buffer >= 0, f"data.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
-        _require(self.decode_cpus > 0, f"data.decode_cpus must be > 0, got {self.decode_cpus}")
-        _require(self.seed >= 0, f"data.seed must be >= 0, got {self.seed}")
+        require(self.split != "", "data.split must be a split name (e.g. 'train'), got ''")
+        require(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
+        require(self.shuffle_buffer >= 0, f"data.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
+        require(self.decode_cpus > 0, f"data.decode_cpus must be > 0, got {self.decode_cpus}")
+        require(self.seed >= 0, f"data.seed must be >= 0, got {self.seed}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,23 +119,23 @@ class OptimConfig:
     grad_clip: float | None = None  # max global gradient norm per network; null: no clipping
 
     def __post_init__(self) -> None:
-        _check_fields(self, "optim")
-        _require(self.niter >= 0, f"optim.niter must be >= 0, got {self.niter}")
-        _require(self.niter_decay >= 0, f"optim.niter_decay must be >= 0, got {self.niter_decay}")
-        _require(
+        check_fields(self, "optim")
+        require(self.niter >= 0, f"optim.niter must be >= 0, got {self.niter}")
+        require(self.niter_decay >= 0, f"optim.niter_decay must be >= 0, got {self.niter_decay}")
+        require(
             self.total_epochs >= 1,
             f"optim.niter + optim.niter_decay must be >= 1, got {self.niter} + {self.niter_decay}",
         )
-        _require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
-            _require(value is None or 0 <= value < 1, f"optim.{name} must be in [0, 1) or null, got {value}")
-        _require(self.d_steps_per_g >= 1, f"optim.d_steps_per_g must be >= 1, got {self.d_steps_per_g}")
-        _require(
+            require(value is None or 0 <= value < 1, f"optim.{name} must be in [0, 1) or null, got {value}")
+        require(self.d_steps_per_g >= 1, f"optim.d_steps_per_g must be >= 1, got {self.d_steps_per_g}")
+        require(
             self.ema_decay is None or 0 < self.ema_decay < 1,
             f"optim.ema_decay must be in (0, 1) or null, got {self.ema_decay}",
         )
-        _require(self.grad_clip is None or self.grad_clip > 0, f"optim.grad_clip must be > 0 or null, got {self.grad_clip}")
+        require(self.grad_clip is None or self.grad_clip > 0, f"optim.grad_clip must be > 0 or null, got {self.grad_clip}")
 
     @property
     def total_epochs(self) -> int:
@@ -169,7 +172,7 @@ class OptimConfig:
         the first ``niter``: epoch ``niter`` still runs at the full rate and the last one at
         ``1 / niter_decay`` of it (never at zero).
         """
-        _require(isinstance(epoch, int) and epoch >= 0, f"epoch must be an int >= 0, got {epoch!r}")
+        require(isinstance(epoch, int) and epoch >= 0, f"epoch must be an int >= 0, got {epoch!r}")
         if self.niter_decay == 0:
             return 1.0
         decayed = min(max(0, epoch - self.niter), self.niter_decay)
@@ -197,26 +200,26 @@ class ScalingConfig:
     sync_batchnorm: bool = True  # batch statistics over the global batch when num_workers > 1
 
     def __post_init__(self) -> None:
-        _check_fields(self, "scaling")
-        _require(self.num_workers >= 1, f"scaling.num_workers must be >= 1, got {self.num_workers}")
-        _require(self.max_failures >= -1, f"scaling.max_failures must be >= 0, or -1 for unlimited, got {self.max_failures}")
+        check_fields(self, "scaling")
+        require(self.num_workers >= 1, f"scaling.num_workers must be >= 1, got {self.num_workers}")
+        require(self.max_failures >= -1, f"scaling.max_failures must be >= 0, or -1 for unlimited, got {self.max_failures}")
         resources = self.resources_per_worker
         if resources is None:
             return
-        _require(
+        require(
             len(resources) > 0,
             "scaling.resources_per_worker must name at least one resource, or be null for the default",
         )
         for name, amount in resources.items():
-            _require(name != "", "scaling.resources_per_worker has an empty resource name")
-            _require(amount >= 0, f"scaling.resources_per_worker.{name} must be >= 0, got {amount}")
+            require(name != "", "scaling.resources_per_worker has an empty resource name")
+            require(amount >= 0, f"scaling.resources_per_worker.{name} must be >= 0, got {amount}")
         gpus = resources.get("GPU")
         # Ray's ScalingConfig refuses both of these, but only once the job is submitted.
-        _require(
+        require(
             self.use_gpu or not gpus,
             f"scaling.resources_per_worker.GPU is {gpus} but scaling.use_gpu is false; set use_gpu: true or drop GPU",
         )
-        _require(
+        require(
             not self.use_gpu or gpus is None or gpus > 0,
             "scaling.resources_per_worker.GPU is 0 but scaling.use_gpu is true",
         )
@@ -264,15 +267,15 @@ class StorageConfig:
     resume_from: str | None = None
 
     def __post_init__(self) -> None:
-        _check_fields(self, "storage")
-        _require(self.path != "", "storage.path must be an absolute path or a URI, got ''")
+        check_fields(self, "storage")
+        require(self.path != "", "storage.path must be an absolute path or a URI, got ''")
         object.__setattr__(self, "path", _absolute(self.path))
-        _require(
+        require(
             self.name not in ("", ".", "..") and "/" not in self.name and "\\" not in self.name,
             f"storage.name must be a plain directory name (no '/'), got {self.name!r}",
         )
         if self.resume_from is not None:
-            _require(self.resume_from != "", "storage.resume_from must be a path, a URI or null, got ''")
+            require(self.resume_from != "", "storage.resume_from must be a path, a URI or null, got ''")
             object.__setattr__(self, "resume_from", _absolute(self.resume_from))
 
 
@@ -283,11 +286,11 @@ class CheckpointConfig:
     at_epoch_end: bool = True
 
     def __post_init__(self) -> None:
-        _check_fields(self, "checkpoint")
-        _require(self.every_steps >= 0, f"checkpoint.every_steps must be >= 0, got {self.every_steps}")
-        _require(self.keep >= 1, f"checkpoint.keep must be >= 1, got {self.keep}")
+        check_fields(self, "checkpoint")
+        require(self.every_steps >= 0, f"checkpoint.every_steps must be >= 0, got {self.every_steps}")
+        require(self.keep >= 1, f"checkpoint.keep must be >= 1, got {self.keep}")
         # Without checkpoints a run keeps no weights and cannot resume or survive a failure.
-        _require(
+        require(
             self.every_steps > 0 or self.at_epoch_end,
             "checkpoint.every_steps is 0 and checkpoint.at_epoch_end is false: the run would never checkpoint",
         )
@@ -303,20 +306,20 @@ class LoggingConfig:
     metrics_host: str = "127.0.0.1"  # loopback unless a scraper on another host needs it
 
     def __post_init__(self) -> None:
-        _check_fields(self, "logging")
-        _require(self.every_steps >= 1, f"logging.every_steps must be >= 1, got {self.every_steps}")
-        _require(
+        check_fields(self, "logging")
+        require(self.every_steps >= 1, f"logging.every_steps must be >= 1, got {self.every_steps}")
+        require(
             self.sample_grid_every_steps >= 0,
             f"logging.sample_grid_every_steps must be >= 0, got {self.sample_grid_every_steps}",
         )
         port = self.metrics_port
-        _require(port is None or 1 <= port <= 65535, f"logging.metrics_port must be in 1..65535 or null, got {port}")
-        _require(
+        require(port is None or 1 <= port <= 65535, f"logging.metrics_port must be in 1..65535 or null, got {port}")
+        require(
             port is None or port not in _RAY_WORKER_PORTS,
             f"logging.metrics_port {port} is in {_RAY_WORKER_PORTS.start}..{_RAY_WORKER_PORTS.stop - 1}, "
             "the range Ray gives its worker processes; choose another port",
         )
-        _require(self.metrics_host != "", "logging.metrics_host must be a host name or address, got ''")
+        require(self.metrics_host != "", "logging.metrics_host must be a host name or address, got ''")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -333,13 +336,13 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
-        _check_fields(self, "")
+        check_fields(self, "")
         weights = self.loss.vgg_weights
         if weights is not None and _absolute(weights) != weights:
             # LossConfig lives in spade_core and stays as given; the workers need an absolute path.
             object.__setattr__(self, "loss", dataclasses.replace(self.loss, vgg_weights=_absolute(weights)))
         workers = self.scaling.num_workers
-        _require(
+        require(
             self.data.batch_size % workers == 0,
             f"data.batch_size ({self.data.batch_size}) must be divisible by scaling.num_workers ({workers}): "
             "it is the global batch, split equally over the workers",
@@ -348,7 +351,7 @@ class TrainConfig:
 
     def _check_image_size(self) -> None:
         pre, gen = self.data.preprocess, self.model.generator
-        _require(
+        require(
             pre.crop_size == gen.crop_size,
             f"data.preprocess.crop_size ({pre.crop_size}) must equal model.generator.crop_size ({gen.crop_size})",
         )
@@ -357,7 +360,7 @@ class TrainConfig:
         if pre.mode != "fixed" and "crop" not in pre.mode:
             return
         want = output_size(pre, (pre.crop_size, pre.crop_size))
-        _require(
+        require(
             gen.output_size == want,
             f"model.generator makes {gen.output_size[0]}x{gen.output_size[1]} (height x width) images "
             f"(crop_size {gen.crop_size}, aspect_ratio {gen.aspect_ratio}, {gen.num_upsamplings} upsamplings) "
@@ -377,7 +380,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
         """Build and validate; unknown keys and bad values are ValueErrors naming the dotted key."""
-        return _build(cls, data, "")
+        return build(cls, data, "", builders={ModelConfig: _build_model})
 
 
 # ---------------------------------------------------------------------------------------
@@ -392,34 +395,15 @@ def load_train_config(path: str | os.PathLike[str], overrides: Iterable[str] = (
     """
     text = Path(path).read_text(encoding="utf-8")
     try:
-        try:
-            data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
-        except yaml.YAMLError as exc:
-            raise ValueError(f"not valid YAML: {exc}") from exc
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise ValueError(f"the top level must be a mapping of sections, got {_kind(data)}")
-        return TrainConfig.from_dict(apply_overrides(data, overrides))
+        return TrainConfig.from_dict(apply_overrides(load_yaml(text), overrides))
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from exc
 
 
 def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
-    """A copy of the raw config ``data`` with ``key=value`` overrides applied in order.
-
-    The key is dotted (``model.generator.ngf``) and must exist in the schema, even where the
-    file leaves it at its default; a missing section is created. The value is parsed as
-    YAML (``null``, ``true``, ``1e-4``, ``[1, 2]``, ``{CPU: 0.5}``) and replaces what was
-    there: a mapping replaces a whole section rather than merging into it.
-    """
-    if isinstance(overrides, (str, bytes)):
-        raise ValueError(f"overrides must be a list of 'key=value' strings, got the single string {overrides!r}")
-    out = copy.deepcopy(dict(data))
-    for text in overrides:
-        key, value = _parse_override(text)
-        _set_dotted(out, key, value, text)
-    return out
+    """A copy of the raw config ``data`` with ``key=value`` overrides applied in order
+    (see :func:`spade_core.configtools.apply_overrides`)."""
+    return configtools.apply_overrides(data, overrides, TrainConfig)
 
 
 def dump_yaml(config: TrainConfig, path: str | os.PathLike[str] | None = None) -> str:
@@ -427,151 +411,24 @@ def dump_yaml(config: TrainConfig, path: str | os.PathLike[str] | None = None) -
 
     :func:`load_train_config` reads it back to an equal config.
     """
-    text = yaml.dump(config.to_dict(), Dumper=_Dumper, sort_keys=False, default_flow_style=False, allow_unicode=True)
+    text = dump_yaml_text(config.to_dict())
     if path is not None:
         Path(path).write_text(text, encoding="utf-8")
     return text
-
-
-def _parse_override(text: Any) -> tuple[str, Any]:
-    if not isinstance(text, str) or "=" not in text:
-        raise ValueError(f"override {text!r} must look like key=value, e.g. optim.lr=2e-4")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if key == "" or any(part == "" for part in key.split(".")):
-        raise ValueError(f"override {text!r} has a malformed key {key!r}; expected a dotted key like optim.lr")
-    try:
-        value = yaml.load(raw, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
-    except yaml.YAMLError as exc:
-        raise ValueError(f"override {text!r}: the value {raw!r} is not valid YAML ({exc})") from exc
-    return key, value
-
-
-def _set_dotted(tree: dict[str, Any], key: str, value: Any, text: str) -> None:
-    """Set ``tree[a][b][c] = value`` for key ``a.b.c``, checking every part against the schema."""
-    parts = key.split(".")
-    node, schema, where = tree, TrainConfig, ""
-    for i, part in enumerate(parts):
-        here = _join(where, part)
-        last = i == len(parts) - 1
-        if schema is None:
-            # Inside a free-form mapping field (scaling.resources_per_worker): part is a key of it.
-            if not last:
-                raise ValueError(f"override {text!r}: {here} is a value, not a section")
-            node[part] = value
-            return
-        hints = _hints(schema)
-        if part not in hints:
-            raise ValueError(
-                f"override {text!r}: unknown key {here}; {where or 'the top level'} takes {', '.join(hints)}"
-            )
-        if last:
-            node[part] = value
-            return
-        tp = hints[part]
-        sub = _section_type(tp)
-        if sub is None and not _is_mapping_type(tp):
-            raise ValueError(f"override {text!r}: {here} is a value, not a section")
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        elif not isinstance(child, dict):
-            raise ValueError(f"override {text!r}: {here} is {child!r} in the config, not a mapping")
-        node, schema, where = child, sub, here
-
-
-# PyYAML follows YAML 1.1, where a float needs a dot: '1e-4' would load as a string. This
-# adds YAML 1.2's exponent-only form; the dumper knows it too, so it quotes such strings.
-_FLOAT_1_2 = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads ``1e-4`` as a float and refuses duplicate keys."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node)
-            if key in seen:
-                # YAML would keep the last one silently; in a config that hides an edit.
-                raise yaml.constructor.ConstructorError(
-                    "while reading a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-class _Dumper(yaml.SafeDumper):
-    pass
-
-
-for _cls in (_Loader, _Dumper):
-    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_1_2, list("-+0123456789"))
 
 
 # ---------------------------------------------------------------------------------------
 # Building and checking dataclasses from raw mappings
 
 
-def _build(cls: type, data: Any, where: str) -> Any:
-    """An instance of dataclass ``cls`` from a mapping, nested sections included."""
-    if isinstance(data, cls):
-        return data
-    if not isinstance(data, Mapping):
-        raise ValueError(f"{where or 'the config'} must be a mapping, got {_kind(data)}")
-    if cls is ModelConfig:
-        return _build_model(data, where)
-    hints = _hints(cls)
-    _reject_unknown(data, hints, where)
-    kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        key = _join(where, f.name)
-        if f.name not in data:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                if dataclasses.is_dataclass(hints[f.name]):
-                    raise ValueError(f"section {key} is required")
-                raise ValueError(f"{key} is required ({_describe(hints[f.name])})")
-            continue
-        kwargs[f.name] = _convert(data[f.name], hints[f.name], key)
-    try:
-        return cls(**kwargs)
-    except ValueError as exc:
-        raise ValueError(_qualify(str(exc), where)) from exc
-
-
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    section = _section_type(tp)
-    if section is None:
-        return _typed(value, tp, key)
-    if value is None and _allows_none(tp):
-        return None
-    return _build(section, value, key)
-
-
 def _build_model(data: Mapping[str, Any], where: str) -> ModelConfig:
     # Check keys and types here first, for messages with the full dotted key; then let
     # ModelConfig.from_dict build it, so the model config reads exactly as config.json does.
-    _check_tree(data, ModelConfig, where)
+    check_tree(data, ModelConfig, where)
     try:
         return ModelConfig.from_dict(dict(data))
     except ValueError as exc:
         raise ValueError(_qualify_model(str(exc), where)) from exc
-
-
-def _check_tree(data: Mapping[str, Any], cls: type, where: str) -> None:
-    hints = _hints(cls)
-    _reject_unknown(data, hints, where)
-    for name, value in data.items():
-        tp, key = hints[name], _join(where, name)
-        section = _section_type(tp)
-        if section is None:
-            _typed(value, tp, key)
-        elif not (value is None and _allows_none(tp)) and not isinstance(value, section):
-            if not isinstance(value, Mapping):
-                raise ValueError(f"{key} must be a mapping, got {_kind(value)}")
-            _check_tree(value, section, key)
 
 
 # spade_core's messages name keys relative to the model config ('generator.ngf', and
@@ -581,120 +438,9 @@ _MODEL_PARTS = re.compile(r"(?<![\w.'\"])(labels|generator|encoder|discriminator
 
 def _qualify_model(message: str, where: str) -> str:
     def full(m: re.Match[str]) -> str:
-        return _join(where, "generator.spade" if m.group(1) == "spade" else m.group(1))
+        return join_key(where, "generator.spade" if m.group(1) == "spade" else m.group(1))
 
     return _MODEL_PARTS.sub(full, message)
-
-
-def _qualify(message: str, where: str) -> str:
-    """Prefix a nested section's own messages ('preprocess.mode ...') with its full key."""
-    short = where.rsplit(".", 1)[-1]
-    if short == where:
-        return message
-    return re.sub(rf"(?<![\w.]){re.escape(short)}\.", f"{where}.", message)
-
-
-def _check_fields(obj: Any, where: str) -> None:
-    """Type-check (and int -> float coerce) every field of a frozen dataclass in __post_init__."""
-    hints = _hints(type(obj))
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        checked = _typed(value, hints[f.name], _join(where, f.name))
-        if checked is not value:
-            object.__setattr__(obj, f.name, checked)
-
-
-def _typed(value: Any, tp: Any, key: str) -> Any:
-    """``value`` if it is a ``tp`` (ints accepted and converted for floats), else a ValueError."""
-    ok, out = _match(value, tp, key)
-    if not ok:
-        raise ValueError(f"{key} has a wrong value {value!r}; expected {_describe(tp)}")
-    return out
-
-
-def _match(value: Any, tp: Any, key: str) -> tuple[bool, Any]:
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return isinstance(value, tp), value
-    if origin is Literal:
-        return any(value == arg and type(value) is type(arg) for arg in typing.get_args(tp)), value
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            ok, out = _match(value, arg, key)
-            if ok:
-                return True, out
-        return False, value
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            return False, value
-        key_tp, value_tp = typing.get_args(tp)
-        out = {}
-        for k, v in value.items():
-            if not _match(k, key_tp, key)[0]:
-                raise ValueError(f"{key} has a wrong key {k!r}; expected {_describe(key_tp)} keys")
-            out[k] = _typed(v, value_tp, f"{key}.{k}")
-        return True, out
-    if tp is type(None):
-        return value is None, value
-    if tp is bool:
-        return isinstance(value, bool), value
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if tp is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        return ok, float(value) if ok else value
-    if tp is str:
-        return isinstance(value, str), value
-    raise TypeError(f"{key}: no check for type {tp!r}")  # a schema bug, not a config error
-
-
-def _describe(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return "a mapping (section)"
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(tp))
-    if origin is dict:
-        key_tp, value_tp = typing.get_args(tp)
-        return f"a mapping of {_describe(key_tp)} to {_describe(value_tp)}"
-    names = {type(None): "null", bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
-    return names.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-def _reject_unknown(data: Mapping[str, Any], hints: Mapping[str, Any], where: str) -> None:
-    unknown = [k for k in data if k not in hints]
-    if unknown:
-        keys = ", ".join(_join(where, str(k)) for k in unknown)
-        raise ValueError(
-            f"unknown key{'s' if len(unknown) > 1 else ''} {keys}; {where or 'the top level'} takes {', '.join(hints)}"
-        )
-
-
-@functools.cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _section_type(tp: Any) -> type | None:
-    """The dataclass a field holds (``X`` or ``X | None``), or None for a plain value."""
-    if dataclasses.is_dataclass(tp):
-        return tp
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        sections = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
-        return sections[0] if len(sections) == 1 else None
-    return None
-
-
-def _is_mapping_type(tp: Any) -> bool:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return any(_is_mapping_type(a) for a in typing.get_args(tp))
-    return typing.get_origin(tp) is dict
-
-
-def _allows_none(tp: Any) -> bool:
-    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
 
 
 def _absolute(path: str) -> str:
@@ -702,19 +448,6 @@ def _absolute(path: str) -> str:
     if "://" in path:
         return path
     return os.path.abspath(os.path.expanduser(path))
-
-
-def _join(where: str, name: str) -> str:
-    return f"{where}.{name}" if where else name
-
-
-def _kind(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
 
 
 # ---------------------------------------------------------------------------------------
