@@ -170,7 +170,7 @@ def build(cls: type, data: Any, where: str = "", *, builders: Builders | None = 
     try:
         return cls(**kwargs)
     except ValueError as exc:
-        raise ValueError(qualify(str(exc), where)) from exc
+        raise ValueError(qualify(str(exc), where, getattr(cls, "config_section", None))) from exc
 
 
 def _convert(value: Any, tp: Any, key: str, builders: Builders | None) -> Any:
@@ -196,10 +196,14 @@ def check_tree(data: Mapping[str, Any], cls: type, where: str) -> None:
             check_tree(value, section, key)
 
 
-def qualify(message: str, where: str) -> str:
-    """Prefix a nested section's own messages ('preprocess.mode ...') with its full key."""
-    short = where.rsplit(".", 1)[-1]
-    if short == where:
+def qualify(message: str, where: str, section: str | None = None) -> str:
+    """Prefix a nested section's own messages ('preprocess.mode ...') with its full key.
+
+    A section names itself by its field name, or by its class's ``config_section`` when
+    one class serves several fields (a deployment config under generator, encoder, ...).
+    """
+    short = section or where.rsplit(".", 1)[-1]
+    if not where or short == where:
         return message
     return re.sub(rf"(?<![\w.]){re.escape(short)}\.", f"{where}.", message)
 
@@ -284,7 +288,9 @@ def reject_unknown(data: Mapping[str, Any], hints: Mapping[str, Any], where: str
 
 @functools.cache
 def type_hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    """Field name -> type of a dataclass (class variables left out)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else hints
 
 
 def section_type(tp: Any) -> type | None:

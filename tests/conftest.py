@@ -62,6 +62,8 @@ RAY_ENV = {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
     "RAY_DEDUP_LOGS": "0",
+    # serve_app's bearer auth reads its token from the replicas' environment (tests/test_serve.py)
+    "SPADE_TEST_SERVE_TOKEN": "s3cret-test-token",
 }
 
 

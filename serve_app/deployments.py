@@ -1,0 +1,267 @@
+"""The model deployments: ``SpadeGenerator`` and ``StyleEncoder``, batched with ``@serve.batch``.
+
+Each replica loads the checkpoint named by its ``user_config`` (``{"checkpoint": ...}``),
+so a Serve config change of that key reaches running replicas through ``reconfigure``:
+the new weights load beside the old ones, then one assignment swaps them; batches in
+flight finish on the model they started with and no request is dropped.
+
+Requests are checked one by one before they join a batch, so a bad one fails alone.
+The forward pass runs in a worker thread: the event loop keeps taking requests (the next
+batch fills meanwhile) and answering health checks, which run a tiny inference when the
+replica has been idle and fail when a batch has been stuck past the timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from ray import serve
+
+import spade_core
+from spade_core.semantics import label_channels
+
+from .checkpoints import load_model
+from .images import resize_nearest, resize_rgb
+from .metrics import series
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class InputError(ValueError):
+    """A request the loaded model cannot take (the ingress answers 400 with its message)."""
+
+
+@dataclass
+class Loaded:
+    """One loaded checkpoint: swapped as a whole."""
+
+    model: spade_core.SpadeModel
+    identity: str
+    location: str
+
+
+def pick_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but this replica sees no GPU (set num_gpus)")
+    return device
+
+
+class _ModelReplica:
+    """What both deployments share: loading, swapping, batching knobs, health, metrics."""
+
+    deployment = ""
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        self.options = options
+        self.device = pick_device(options["device"])
+        self.loaded: Loaded | None = None
+        self._lock = threading.Lock()
+        self._busy_since: float | None = None
+        self._last_ok = 0.0
+        self.metrics = series()
+        self.metrics["replicas"].set(1, tags={"deployment": self.deployment})
+        self._set_batching(options["batching"])
+
+    # --- configuration ------------------------------------------------------------------
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        location = user_config["checkpoint"]
+        if "batching" in user_config:
+            self._set_batching(user_config["batching"])
+        if self.loaded is not None and self.loaded.location == location and not user_config.get("reload"):
+            return
+        loaded = await asyncio.to_thread(self._load, location)
+        self.loaded = loaded  # the swap: batches that started keep their reference to the old model
+        self.metrics["loads"].inc(tags={"deployment": self.deployment})
+
+    def _load(self, location: str) -> Loaded:
+        model, identity = load_model(location, device=self.device)
+        self.prepare(model)
+        return Loaded(model=model, identity=identity, location=location)
+
+    def prepare(self, model: spade_core.SpadeModel) -> None:
+        """Per-deployment set-up of a freshly loaded model (fast path, dtype)."""
+
+    def _set_batching(self, batching: dict[str, Any]) -> None:
+        self.batched.set_max_batch_size(int(batching["max_batch_size"]))
+        self.batched.set_batch_wait_timeout_s(float(batching["batch_wait_timeout_s"]))
+
+    def current(self) -> Loaded:
+        if self.loaded is None:
+            raise RuntimeError("no model loaded yet")
+        return self.loaded
+
+    # --- running batches --------------------------------------------------------------------
+
+    async def run_batch(self, fn: Any, items: list[Any]) -> Any:
+        """Run ``fn(items)`` in a thread with metrics and stuck-batch tracking."""
+        start = time.monotonic()
+        for item in items:
+            self.metrics["queue_wait"].observe(start - item.arrived, tags={"deployment": self.deployment})
+        self.metrics["batch_size"].observe(len(items), tags={"deployment": self.deployment})
+        self._busy_since = start
+        try:
+            out = await asyncio.to_thread(self._locked, fn, items)
+        finally:
+            self._busy_since = None
+        self._last_ok = time.monotonic()
+        self.metrics["inference"].observe(self._last_ok - start, tags={"deployment": self.deployment})
+        return out
+
+    def _locked(self, fn: Any, items: list[Any]) -> Any:
+        with self._lock, torch.inference_mode():  # one forward pass at a time per replica
+            return fn(items)
+
+    async def check_health(self) -> None:
+        """Called by Serve every health_check_period_s; raising (or timing out) replaces the replica."""
+        if self.loaded is None:
+            raise RuntimeError("no model loaded")
+        timeout = float(self.options["health_check_timeout_s"])
+        if self._busy_since is not None and time.monotonic() - self._busy_since > timeout:
+            raise RuntimeError(f"a batch has been running for more than {timeout:.0f} s")
+        if time.monotonic() - self._last_ok > float(self.options["health_check_period_s"]):
+            await asyncio.to_thread(self._locked, lambda _: self.probe(), [])  # idle: prove the model still runs
+            self._last_ok = time.monotonic()
+
+    def probe(self) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class SynthesisItem:
+    labels: torch.Tensor  # (H, W) int64 raw label ids at the model's size, checked
+    z: torch.Tensor | None
+    instance: torch.Tensor | None  # (H, W) int64 instance ids at the model's size
+    arrived: float
+
+
+@serve.deployment(name="SpadeGenerator")
+class SpadeGenerator(_ModelReplica):
+    """Label map (+ style code) -> image, through spade_core's fast inference path."""
+
+    deployment = "SpadeGenerator"
+
+    def prepare(self, model: spade_core.SpadeModel) -> None:
+        model.enable_fast_path(dtype=DTYPES[self.options["precision"]], compile=bool(self.options["compile"]))
+
+    async def info(self) -> dict[str, Any]:
+        """What the ingress needs to check requests: the model config and checkpoint identity."""
+        loaded = self.current()
+        return {"config": loaded.model.config.to_dict(), "identity": loaded.identity, "device": self.device,
+                "precision": self.options["precision"], "pid": os.getpid()}
+
+    async def synthesize(self, labels: np.ndarray, z: np.ndarray | None = None, instance: np.ndarray | None = None) -> dict[str, Any]:
+        """(H, W) raw label ids (any size) [+ z (z_dim,)] [+ instance ids (H, W)] -> {"image": (H, W, 3) uint8, ...}."""
+        arrived = time.monotonic()
+        loaded = self.current()
+        item = self._check(loaded.model, labels, z, instance, arrived)
+        image, batch_size = await self.batched(item)
+        return {"image": image, "identity": loaded.identity, "batch_size": batch_size}
+
+    def _check(self, model: spade_core.SpadeModel, labels: Any, z: Any, instance: Any, arrived: float) -> SynthesisItem:
+        cfg = model.config
+        if not isinstance(labels, np.ndarray) or labels.ndim != 2 or labels.dtype.kind not in "iu":
+            raise InputError("labels must be an (H, W) integer array of raw label ids")
+        size = cfg.generator.output_size
+        ids = torch.from_numpy(resize_nearest(labels.astype(np.int64), size))
+        try:
+            label_channels(ids[None], cfg.labels)  # refuses ids the model has no channel for
+        except ValueError as exc:
+            raise InputError(str(exc)) from exc
+        z_t = None
+        if cfg.generator.z_dim is not None:
+            if z is None or np.shape(z) != (cfg.generator.z_dim,) or not np.isfinite(z).all():
+                raise InputError(f"this model needs a finite style code z of shape ({cfg.generator.z_dim},)")
+            z_t = torch.tensor(np.asarray(z, dtype=np.float32))
+        elif z is not None:
+            raise InputError("this model takes no style code (it has no encoder)")
+        inst = None
+        if cfg.labels.instance_edges:
+            if not isinstance(instance, np.ndarray) or instance.shape != labels.shape or instance.dtype.kind not in "iu":
+                raise InputError(f"this model needs an instance map (integer ids) of the label map's size {labels.shape[1]}x{labels.shape[0]}")
+            inst = torch.from_numpy(resize_nearest(instance.astype(np.int64), size))
+        elif instance is not None:
+            raise InputError("this model takes no instance map")
+        return SynthesisItem(labels=ids, z=z_t, instance=inst, arrived=arrived)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def batched(self, items: list[SynthesisItem]) -> list[tuple[np.ndarray, int]]:
+        model = self.current().model  # one model for the whole batch, even if a swap lands meanwhile
+        images = await self.run_batch(lambda batch: self._forward(model, batch), items)
+        return [(image, len(items)) for image in images]
+
+    def _forward(self, model: spade_core.SpadeModel, items: list[SynthesisItem]) -> np.ndarray:
+        z = torch.stack([i.z for i in items]) if items[0].z is not None else None
+        instance = torch.stack([i.instance for i in items]) if items[0].instance is not None else None
+        return to_uint8(model.synthesize(torch.stack([i.labels for i in items]), z=z, instance=instance))
+
+    def probe(self) -> None:
+        model = self.current().model
+        cfg = model.config
+        h, w = cfg.generator.output_size
+        item = SynthesisItem(
+            labels=torch.zeros(h, w, dtype=torch.long),
+            z=torch.zeros(cfg.generator.z_dim) if cfg.generator.z_dim else None,
+            instance=torch.zeros(h, w, dtype=torch.long) if cfg.labels.instance_edges else None,
+            arrived=time.monotonic(),
+        )
+        out = self._forward(model, [item])
+        if out.shape != (1, h, w, 3):
+            raise RuntimeError(f"health probe produced {out.shape}")
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, rounded as torchvision's save_image."""
+    x = ((images.float().clamp(-1, 1) + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8)
+    return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+@dataclass
+class StyleItem:
+    image: torch.Tensor  # (3, H, W) in [-1, 1]
+    arrived: float
+
+
+@serve.deployment(name="StyleEncoder")
+class StyleEncoder(_ModelReplica):
+    """Style image -> (mu, logvar) of the VAE encoder."""
+
+    deployment = "StyleEncoder"
+
+    async def encode(self, rgb: np.ndarray) -> dict[str, Any]:
+        """(H, W, 3) uint8 style image -> {"mu": [...], "logvar": [...], "identity": ...}."""
+        arrived = time.monotonic()
+        loaded = self.current()
+        if loaded.model.encoder is None:
+            raise InputError("this model has no style encoder")
+        if not isinstance(rgb, np.ndarray) or rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+            raise InputError("style must be an (H, W, 3) uint8 RGB array")
+        rgb = resize_rgb(rgb, loaded.model.config.generator.output_size)
+        image = torch.from_numpy(np.array(rgb)).permute(2, 0, 1).float() / 127.5 - 1.0
+        mu, logvar = await self.batched(StyleItem(image=image, arrived=arrived))
+        return {"mu": mu, "logvar": logvar, "identity": loaded.identity}
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def batched(self, items: list[StyleItem]) -> list[tuple[list[float], list[float]]]:
+        model = self.current().model
+        return await self.run_batch(lambda batch: self._forward(model, batch), items)
+
+    def _forward(self, model: spade_core.SpadeModel, items: list[StyleItem]) -> list[tuple[list[float], list[float]]]:
+        mu, logvar = model.encode(torch.stack([i.image for i in items]))
+        return [(m.tolist(), v.tolist()) for m, v in zip(mu.float().cpu(), logvar.float().cpu())]
+
+    def probe(self) -> None:
+        model = self.current().model
+        h, w = model.config.generator.output_size
+        mu, _ = model.encode(torch.zeros(1, 3, h, w))
+        if not torch.isfinite(mu).all():
+            raise RuntimeError("health probe produced a non-finite style code")

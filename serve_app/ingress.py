@@ -1,0 +1,353 @@
+"""The HTTP API (FastAPI) in front of the model deployments, version 1.
+
+    POST /v1/synthesize   multipart: labels (PNG), [style | style_code], [instance], [seed], [format], [size]
+    POST /v1/encode       multipart: style (PNG / JPEG / WebP) -> {"mu": [...], "logvar": [...]}
+    GET  /v1/model        configuration, classes (names, colours), checkpoint identity
+    GET  /healthz         the ingress runs;  GET /readyz: a generator replica answers
+    GET  /docs            OpenAPI
+
+Errors are JSON ``{"error": {"status": 400, "message": "..."}}``: 400 invalid content,
+401 missing or wrong token, 408 timeout, 413 too large, 415 media type, 422 malformed
+form, 503 queue full (with Retry-After).
+"""
+
+# No `from __future__ import annotations`: Serve copies the route methods and FastAPI must
+# see their real parameter types (File, Form), not strings it cannot resolve there.
+
+import asyncio
+import hmac
+import json
+import os
+import time
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from spade_core.config import ModelConfig
+from spade_core.semantics import classes_for
+
+from .config import ApiSettings
+from .deployments import InputError
+from .images import (
+    MEDIA_TYPES,
+    Palette,
+    RequestError,
+    encode_image,
+    label_ids,
+    parse_size,
+    resize_rgb,
+    rgb_image,
+)
+from .metrics import series
+
+API_VERSION = "v1"
+MODEL_INFO_TTL_S = 5.0  # how stale the ingress's copy of the model config may get after a swap
+
+app = FastAPI(
+    title="spade-ray",
+    version="1.0",
+    description="SPADE / GauGAN semantic image synthesis: label map in, photo out.",
+)
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"status": status, "message": message}}, status_code=status, headers=headers)
+
+
+@app.exception_handler(RequestError)
+async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
+    return error_response(exc.status, exc.message, exc.headers)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors())
+    return error_response(422, f"malformed request: {problems}")
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return error_response(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+
+class BodyLimit:
+    """ASGI middleware: bodies over ``limits.max_body_bytes`` get 413, declared or streamed.
+
+    Ray Serve has no request-size limit. A declared Content-Length over the limit is refused
+    before the app runs; a chunked body is counted as it arrives, and once it passes the
+    limit the app sees a disconnect and its response is replaced by the 413.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        settings: ApiSettings | None = getattr(app.state, "settings", None)
+        if scope["type"] != "http" or settings is None:
+            return await self.inner(scope, receive, send)
+        limit = settings.limits.max_body_bytes
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length", b"").decode("latin-1")
+        if declared.isdigit() and int(declared) > limit:
+            return await error_response(413, f"request body is {declared} bytes; the limit is {limit}")(scope, receive, send)
+        seen = 0
+        exceeded = False
+
+        async def counting_receive() -> dict[str, Any]:
+            nonlocal seen, exceeded
+            if exceeded:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    exceeded = True
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: dict[str, Any]) -> None:
+            if not exceeded:
+                await send(message)
+
+        try:
+            await self.inner(scope, counting_receive, guarded_send)
+        except Exception:
+            if not exceeded:
+                raise
+        if exceeded:
+            await error_response(413, f"request body exceeds the limit of {limit} bytes")(scope, receive, send)
+
+
+app.add_middleware(BodyLimit)
+
+
+@app.middleware("http")
+async def _auth_media_type_metrics(request: Request, call_next: Any) -> Response:
+    """Bearer auth on /v1 (401), multipart bodies for /v1 POSTs (415), and the request metrics."""
+    started = time.monotonic()
+    path = _app_path(request.scope)
+    route = path if path in _ROUTES else "other"
+    settings: ApiSettings | None = getattr(app.state, "settings", None)
+    try:
+        if settings is not None:
+            _check_auth(request, settings)
+        if request.method == "POST" and path.startswith(f"/{API_VERSION}/"):
+            media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if media != "multipart/form-data":
+                raise RequestError(415, f"the request body must be multipart/form-data, got {media or 'no Content-Type'}")
+        response = await call_next(request)
+    except RequestError as exc:
+        response = error_response(exc.status, exc.message, exc.headers)
+    metrics = series()
+    metrics["requests"].inc(tags={"route": route, "status": str(response.status_code)})
+    metrics["latency"].observe(time.monotonic() - started, tags={"route": route})
+    return response
+
+
+def _app_path(scope: dict[str, Any]) -> str:
+    """The path below the app's route prefix (Serve mounts an app at its route_prefix)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
+def _check_auth(request: Request, settings: ApiSettings) -> None:
+    if settings.auth_token_env is None or not _app_path(request.scope).startswith(f"/{API_VERSION}/"):
+        return
+    token = os.environ.get(settings.auth_token_env, "")
+    if not token:  # configured but unset: refuse everything rather than serve unauthenticated
+        raise RequestError(503, f"the server's auth token variable {settings.auth_token_env} is not set")
+    given = request.headers.get("authorization", "")
+    if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), token.encode())):
+        raise RequestError(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+
+async def _read(upload: UploadFile | None, field: str) -> bytes | None:
+    if upload is None:
+        return None
+    if isinstance(upload, str):  # a plain form value where a file belongs
+        raise RequestError(422, f"{field} must be a file part (multipart/form-data with a filename)")
+    return await upload.read()
+
+
+@serve.deployment(name="SpadeIngress")
+@serve.ingress(app)
+class SpadeIngress:
+    def __init__(self, generator: DeploymentHandle, encoder: DeploymentHandle | None, settings: dict[str, Any]) -> None:
+        self.generator = generator
+        self.encoder = encoder
+        self.settings = ApiSettings.from_dict(settings)
+        app.state.settings = self.settings
+        self._info: dict[str, Any] | None = None
+        self._info_time = 0.0
+        self._info_lock = asyncio.Lock()
+
+    # --- model info ---------------------------------------------------------------------
+
+    async def model_info(self, *, fresh: bool = False) -> dict[str, Any]:
+        async with self._info_lock:
+            if fresh or self._info is None or time.monotonic() - self._info_time > MODEL_INFO_TTL_S:
+                info = await self._call(self.generator.info.remote(), timeout=30.0)
+                config = ModelConfig.from_dict(info["config"])
+                classes = classes_for(config.labels)
+                self._info = {**info, "model": config, "classes": classes, "palette": Palette(classes.colors)}
+                self._info_time = time.monotonic()
+            return self._info
+
+    async def _call(self, response: Any, *, timeout: float) -> Any:
+        """Await a handle call: 503 when the queue is full, 408 past the timeout, 400 for input errors."""
+        try:
+            return await asyncio.wait_for(response, timeout=timeout)
+        except asyncio.TimeoutError as exc:
+            response.cancel()
+            raise RequestError(408, f"the request took longer than {timeout:.0f} s") from exc
+        except BackPressureError as exc:
+            retry = str(self.settings.limits.retry_after_s)
+            raise RequestError(503, "the server is at capacity (queue full); retry later", headers={"Retry-After": retry}) from exc
+        except InputError as exc:
+            raise RequestError(400, str(exc)) from exc
+
+    # --- routes ---------------------------------------------------------------------------
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        try:
+            info = await self.model_info(fresh=True)
+        except Exception as exc:  # not ready, whatever the reason: say so, never 500
+            return error_response(503, f"not ready: {exc}")
+        return JSONResponse({"status": "ready", "checkpoint": info["identity"]})
+
+    @app.get(f"/{API_VERSION}/model")
+    async def model(self) -> dict[str, Any]:
+        info = await self.model_info()
+        config: ModelConfig = info["model"]
+        return {
+            "checkpoint": info["identity"],
+            "config": info["config"],
+            "input_size": {"height": config.generator.output_size[0], "width": config.generator.output_size[1]},
+            "style": {"encoder": self.encoder is not None, "z_dim": config.generator.z_dim},
+            "instance_map": config.labels.instance_edges,
+            "classes": [
+                {"id": i, "name": name, "color": list(color)}
+                for i, (name, color) in enumerate(zip(info["classes"].names, info["classes"].colors))
+            ],
+            "device": info["device"],
+            "precision": info["precision"],
+            "formats": sorted(MEDIA_TYPES),
+        }
+
+    @app.post(f"/{API_VERSION}/encode")
+    async def encode(self, style: Annotated[UploadFile, File(description="style image: PNG, JPEG or WebP")]) -> dict[str, Any]:
+        data = await _read(style, "style")
+        rgb = rgb_image(data, field="style", max_pixels=self.settings.limits.max_pixels)
+        out = await self._encode(rgb)
+        return {"mu": out["mu"], "logvar": out["logvar"], "checkpoint": out["identity"]}
+
+    async def _encode(self, rgb: np.ndarray) -> dict[str, Any]:
+        if self.encoder is None:
+            raise RequestError(400, "this model has no style encoder (it was not trained as a VAE): send no style")
+        return await self._call(self.encoder.encode.remote(rgb), timeout=self.settings.limits.request_timeout_s)
+
+    @app.post(
+        f"/{API_VERSION}/synthesize",
+        response_class=Response,
+        responses={200: {"content": {t: {} for t in MEDIA_TYPES.values()}, "description": "the image"}},
+    )
+    async def synthesize(
+        self,
+        labels: Annotated[UploadFile, File(description="label map PNG: single-channel raw ids, or RGB in the palette")],
+        style: Annotated[UploadFile | None, File(description="style image (VAE models): PNG, JPEG or WebP")] = None,
+        style_code: Annotated[str | None, Form(description='JSON: [z...] or {"mu": [...], "logvar": [...]}')] = None,
+        instance: Annotated[UploadFile | None, File(description="instance-id PNG (models with instance edges)")] = None,
+        seed: Annotated[int | None, Form(ge=0, le=2**63 - 1)] = None,
+        format: Annotated[str | None, Form(description="png, jpeg or webp")] = None,  # noqa: A002 - the API's name
+        size: Annotated[str | None, Form(description="'WIDTHxHEIGHT', 'original', or absent (the model's)")] = None,
+    ) -> Response:
+        started = time.monotonic()
+        limits = self.settings.limits
+        fmt = (format or self.settings.default_format).lower()
+        if fmt not in MEDIA_TYPES:
+            raise RequestError(400, f"format must be one of {', '.join(sorted(MEDIA_TYPES))}, got {format!r}")
+        info = await self.model_info()
+        config: ModelConfig = info["model"]
+        ids = label_ids(await _read(labels, "labels"), field="labels", palette=info["palette"], max_pixels=limits.max_pixels)
+        out_size = parse_size(size, original=ids.shape, model=config.generator.output_size, max_side=limits.max_output_side)
+        inst = None
+        if instance is not None:
+            if not config.labels.instance_edges:
+                raise RequestError(400, "this model takes no instance map: send no instance field")
+            inst = label_ids(await _read(instance, "instance"), field="instance", palette=info["palette"], max_pixels=limits.max_pixels)
+            if inst.shape != ids.shape:
+                raise RequestError(400, f"instance is {inst.shape[1]}x{inst.shape[0]} but labels is {ids.shape[1]}x{ids.shape[0]}")
+        elif config.labels.instance_edges:
+            raise RequestError(400, "this model needs an instance field (instance-id PNG of the label map's size)")
+        z = await self._style_code(config, style, style_code, seed, timeout=limits.request_timeout_s)
+        remaining = limits.request_timeout_s - (time.monotonic() - started)
+        result = await self._call(self.generator.synthesize.remote(ids, z, inst), timeout=max(remaining, 0.001))
+        rgb = resize_rgb(result["image"], out_size)
+        body = await asyncio.to_thread(encode_image, rgb, fmt, quality=self.settings.jpeg_quality)
+        headers = {"X-Checkpoint": result["identity"], "X-Batch-Size": str(result["batch_size"])}
+        return Response(content=body, media_type=MEDIA_TYPES[fmt], headers=headers)
+
+    async def _style_code(
+        self, config: ModelConfig, style: UploadFile | None, style_code: str | None, seed: int | None, *, timeout: float
+    ) -> np.ndarray | None:
+        """z for VAE models: from the style image (mu, or a sample around it with a seed), the
+        given code, or N(0, I) from the seed (random without one); None for other models."""
+        z_dim = config.generator.z_dim
+        if z_dim is None:
+            if style is not None or style_code is not None:
+                raise RequestError(400, "this model has no style input (it was not trained with an encoder): send neither style nor style_code")
+            return None
+        if style is not None and style_code is not None:
+            raise RequestError(400, "send either style or style_code, not both")
+        rng = np.random.default_rng(seed)
+        if style is not None:
+            rgb = rgb_image(await _read(style, "style"), field="style", max_pixels=self.settings.limits.max_pixels)
+            code = await self._encode(rgb)
+            mu, logvar = np.asarray(code["mu"], np.float32), np.asarray(code["logvar"], np.float32)
+            if seed is None:
+                return mu  # deterministic, as spade_core's synthesize(style=...)
+            return (mu + rng.standard_normal(z_dim).astype(np.float32) * np.exp(0.5 * logvar)).astype(np.float32)
+        if style_code is not None:
+            mu, logvar = _parse_style_code(style_code, z_dim)
+            if logvar is None or seed is None:
+                return mu
+            return (mu + rng.standard_normal(z_dim).astype(np.float32) * np.exp(0.5 * logvar)).astype(np.float32)
+        return rng.standard_normal(z_dim).astype(np.float32)
+
+
+_ROUTES = {"/healthz", "/readyz", f"/{API_VERSION}/model", f"/{API_VERSION}/encode", f"/{API_VERSION}/synthesize"}
+
+
+def _parse_style_code(text: str, z_dim: int) -> tuple[np.ndarray, np.ndarray | None]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RequestError(400, f"style_code is not valid JSON: {exc}") from exc
+    logvar = None
+    if isinstance(value, dict):
+        if "mu" not in value or not set(value) <= {"mu", "logvar", "checkpoint"}:
+            raise RequestError(400, 'style_code must be a list of numbers or {"mu": [...], "logvar": [...]} as /v1/encode returns')
+        logvar = _vector(value.get("logvar"), z_dim, "style_code.logvar") if value.get("logvar") is not None else None
+        value = value["mu"]
+    return _vector(value, z_dim, "style_code"), logvar
+
+
+def _vector(value: Any, n: int, name: str) -> np.ndarray:
+    if not isinstance(value, list) or len(value) != n or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        raise RequestError(400, f"{name} must be a list of {n} numbers")
+    out = np.asarray(value, dtype=np.float32)
+    if not np.isfinite(out).all():
+        raise RequestError(400, f"{name} must be finite")
+    return out

@@ -1,0 +1,53 @@
+"""The app's Prometheus series, recorded with ``ray.util.metrics`` inside the replicas.
+
+Ray's metrics agent exports them on every node's metrics export port (``spade-serve``
+starts Ray with ``--metrics-export-port`` 8080) beside Ray Serve's own ``ray_serve_*``
+series, with Ray's ``ray_`` prefix; counters get ``_total``:
+
+* ``ray_spade_serve_requests_total{route, status}``
+* ``ray_spade_serve_request_latency_seconds{route}`` (histogram, ingress: whole request)
+* ``ray_spade_serve_batch_size{deployment}`` (histogram of merged batch sizes)
+* ``ray_spade_serve_queue_wait_seconds{deployment}`` (histogram: arrival at a replica -> its batch starts)
+* ``ray_spade_serve_inference_seconds{deployment}`` (histogram: one batch's forward pass)
+* ``ray_spade_serve_replicas{deployment}`` (gauge, 1 per live replica: ``sum by (deployment)``)
+* ``ray_spade_serve_model_loads_total{deployment}`` (checkpoint loads, the first and every swap)
+
+A ``prometheus_client`` metric inside a replica would need an HTTP port per replica
+process; Ray's agent aggregates per node instead.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+BATCH_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
+
+
+@cache
+def series() -> dict[str, Any]:
+    """The metric objects, created once per process (inside a replica: Ray must be up)."""
+    from ray.util.metrics import Counter, Gauge, Histogram
+
+    return {
+        "requests": Counter("spade_serve_requests", description="HTTP requests by route and status", tag_keys=("route", "status")),
+        "latency": Histogram(
+            "spade_serve_request_latency_seconds", description="Request latency in the ingress",
+            boundaries=LATENCY_BUCKETS, tag_keys=("route",),
+        ),
+        "batch_size": Histogram(
+            "spade_serve_batch_size", description="Requests merged into one forward pass",
+            boundaries=BATCH_BUCKETS, tag_keys=("deployment",),
+        ),
+        "queue_wait": Histogram(
+            "spade_serve_queue_wait_seconds", description="Wait from arrival at a replica to the start of its batch",
+            boundaries=LATENCY_BUCKETS, tag_keys=("deployment",),
+        ),
+        "inference": Histogram(
+            "spade_serve_inference_seconds", description="Forward pass time of one batch",
+            boundaries=LATENCY_BUCKETS, tag_keys=("deployment",),
+        ),
+        "replicas": Gauge("spade_serve_replicas", description="Live replicas (1 per replica; sum them)", tag_keys=("deployment",)),
+        "loads": Counter("spade_serve_model_loads", description="Checkpoint loads (start-up and swaps)", tag_keys=("deployment",)),
+    }

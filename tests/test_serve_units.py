@@ -1,0 +1,130 @@
+"""serve_app without Ray: config validation, checkpoint resolution, image decoding rules."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+import spade_core
+from spade_core.config import GeneratorConfig, LabelConfig, ModelConfig, SpadeConfig
+from serve_app.checkpoints import resolve_checkpoint
+from serve_app.config import ServeConfig, load_serve_config
+from serve_app.images import Palette, RequestError, label_ids, parse_size, resize_nearest, rgb_image
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ModelConfig(labels=LabelConfig(label_nc=6), generator=GeneratorConfig(ngf=8, crop_size=64, spade=SpadeConfig(hidden=8)))
+
+
+def png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")  # uint16 arrays become 16-bit PNGs
+    return buf.getvalue()
+
+
+# --- config -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        ({}, "checkpoint is required"),
+        ({"checkpoint": "x", "generatr": {}}, "unknown key generatr"),
+        ({"checkpoint": "x", "generator": {"num_gpus": -1}}, "generator.num_gpus must be >= 0"),
+        ({"checkpoint": "x", "ingress": {"autoscaling": {"min_replicas": 3, "max_replicas": 2}}}, "ingress.autoscaling.max_replicas"),
+        ({"checkpoint": "x", "encoder": {"max_ongoing_requests": "many"}}, "encoder.max_ongoing_requests has a wrong value"),
+        ({"checkpoint": "x", "precision": "int8"}, "precision has a wrong value"),
+        ({"checkpoint": "x", "batching": {"max_batch_size": 64}}, "batches can never fill"),
+        ({"checkpoint": "x", "limits": {"max_body_bytes": 0}}, "limits.max_body_bytes must be >= 1"),
+    ],
+)
+def test_bad_serve_configs_name_the_key(data: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        ServeConfig.from_dict(data)
+
+
+def test_the_cluster_serve_yaml_args_are_a_valid_config() -> None:
+    doc = yaml.safe_load((REPO / "cluster/serve/spade.yaml").read_text())
+    (app,) = doc["applications"]
+    assert app["import_path"] == "serve_app.app:build_app"
+    config = ServeConfig.from_dict(app["args"])
+    assert config.generator.num_gpus == 1 and config.generator.autoscaling.max_replicas > 1
+    assert config.ingress.max_ongoing_requests >= config.batching.max_batch_size * config.generator.autoscaling.max_replicas
+
+
+def test_load_serve_config_overrides_and_keywords(tmp_path: Path) -> None:
+    path = tmp_path / "args.yaml"
+    path.write_text("checkpoint: /ckpt\nprecision: fp32\nbatching: {max_batch_size: 4}\n")
+    config = load_serve_config(path, ["batching.batch_wait_timeout_s=0.2", "generator.autoscaling.max_replicas=3"], precision="bf16")
+    assert (config.precision, config.batching.max_batch_size, config.batching.batch_wait_timeout_s) == ("bf16", 4, 0.2)
+    assert config.generator.ray_options()["autoscaling_config"]["max_replicas"] == 3
+    with pytest.raises(ValueError, match="unknown key batching.size"):
+        load_serve_config(path, ["batching.size=3"])
+
+
+# --- checkpoints ----------------------------------------------------------------------------
+
+
+def test_a_run_directory_resolves_to_its_newest_checkpoint(tmp_path: Path) -> None:
+    model = spade_core.build_model(TINY, discriminator=False, seed=0)
+    for name in ("checkpoint_2026-01-01_10-00-00.000000", "checkpoint_2026-01-02_09-00-00.000000"):
+        spade_core.save_checkpoint(model, tmp_path / "run" / name)
+    (tmp_path / "run" / "checkpoint_2026-01-03_00-00-00.000000").mkdir()  # an unfinished upload: no config.json
+    assert resolve_checkpoint(str(tmp_path / "run")).name == "checkpoint_2026-01-02_09-00-00.000000"
+    assert resolve_checkpoint(f"file://{tmp_path}/run").name == "checkpoint_2026-01-02_09-00-00.000000"
+    with pytest.raises(ValueError, match="does not exist"):
+        resolve_checkpoint(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="neither a checkpoint directory"):
+        resolve_checkpoint(str(tmp_path / "empty"))
+
+
+# --- images ---------------------------------------------------------------------------------
+
+
+def test_label_maps_single_channel_16_bit_palette_and_rgb() -> None:
+    palette = Palette(((0, 0, 0), (255, 0, 0), (0, 255, 0)))
+    ids = np.array([[0, 1], [2, 1]], dtype=np.uint8)
+    assert np.array_equal(label_ids(png(ids), field="labels", palette=palette, max_pixels=100), ids)
+    assert np.array_equal(label_ids(png(ids.astype(np.uint16) * 300), field="labels", palette=palette, max_pixels=100), ids.astype(np.int64) * 300)
+    rgb = np.array(palette.colors, dtype=np.uint8)[ids]
+    assert np.array_equal(label_ids(png(rgb), field="labels", palette=palette, max_pixels=100), ids)
+    with pytest.raises(RequestError, match="not in the model's palette") as err:
+        label_ids(png(np.full((2, 2, 3), 7, np.uint8)), field="labels", palette=palette, max_pixels=100)
+    assert err.value.status == 400 and "#070707" in err.value.message
+    rgba = np.concatenate([rgb, np.full((2, 2, 1), 128, np.uint8)], axis=2)
+    with pytest.raises(RequestError, match="transparent"):
+        label_ids(png(rgba), field="labels", palette=palette, max_pixels=100)
+
+
+def test_pixel_cap_is_checked_before_decoding() -> None:
+    data = png(np.zeros((300, 300), np.uint8))
+    with pytest.raises(RequestError, match="90000 pixels") as err:
+        label_ids(data, field="labels", palette=Palette(((0, 0, 0),)), max_pixels=1000)
+    assert err.value.status == 413
+    with pytest.raises(RequestError) as err:
+        rgb_image(b"GIF89a" + b"\0" * 20, field="style", max_pixels=1000)
+    assert err.value.status == 400
+
+
+def test_nearest_resize_matches_torch_interpolate() -> None:
+    import torch
+    import torch.nn.functional as F
+
+    ids = np.random.default_rng(0).integers(0, 50, (37, 53))
+    for size in [(64, 64), (20, 90), (37, 53)]:
+        want = F.interpolate(torch.from_numpy(ids)[None, None].float(), size=size, mode="nearest")[0, 0].long().numpy()
+        assert np.array_equal(resize_nearest(ids, size), want)
+
+
+def test_output_size_parsing() -> None:
+    assert parse_size(None, original=(30, 40), model=(64, 64), max_side=100) == (64, 64)
+    assert parse_size("original", original=(30, 40), model=(64, 64), max_side=100) == (30, 40)
+    assert parse_size("80x20", original=(30, 40), model=(64, 64), max_side=100) == (20, 80)
+    for bad in ("80", "axb", "0x10", "101x5"):
+        with pytest.raises(RequestError):
+            parse_size(bad, original=(30, 40), model=(64, 64), max_side=100)
