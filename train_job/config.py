@@ -108,6 +108,9 @@ class OptimConfig:
     # A value given here is used in both modes, as the reference's --beta1 / --beta2.
     beta1: float | None = None
     beta2: float | None = None
+    # Stop after this many iterations in all (a checkpoint is written there); null: run
+    # every epoch. For demos and smoke runs: the LR schedule still follows the epochs.
+    max_steps: int | None = None
     d_steps_per_g: int = 1  # the generator steps on every d_steps_per_g-th batch; D on every batch
     precision: Precision = "fp32"  # autocast dtype; fp16 also needs a GradScaler (bf16 does not)
     channels_last: bool = False
@@ -130,6 +133,7 @@ class OptimConfig:
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
             require(value is None or 0 <= value < 1, f"optim.{name} must be in [0, 1) or null, got {value}")
+        require(self.max_steps is None or self.max_steps >= 1, f"optim.max_steps must be >= 1 or null, got {self.max_steps}")
         require(self.d_steps_per_g >= 1, f"optim.d_steps_per_g must be >= 1, got {self.d_steps_per_g}")
         require(
             self.ema_decay is None or 0 < self.ema_decay < 1,

@@ -118,12 +118,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         )
     fail_at = loop_config.get("fail_at_step")  # fault-injection hook for tests
     stop_at = loop_config.get("stop_at_step")  # end early after a checkpoint (tests)
+    max_steps = cfg.optim.max_steps
     deadline = loop_config.get("time_budget_s")  # end with a checkpoint after this long (benchmarks)
     started = time.monotonic()
     shard = ray.train.get_dataset_shard("train")
     amp_dtype = AMP_DTYPES.get(cfg.optim.precision)
     throughput = Throughput()
 
+    if max_steps is not None and state.step >= max_steps:
+        return  # a resumed run that had already finished
     for epoch in range(state.epoch, cfg.optim.total_epochs):
         lr_g, lr_d = cfg.optim.learning_rates(epoch)
         _set_lr(optimizers["generator"], lr_g)
@@ -167,11 +170,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 state.epoch, state.epoch_step = epoch + 1, 0
             # all ranks must agree to stop at the same step: decide from rank 0's clock
             out_of_time = deadline is not None and _broadcast_flag(time.monotonic() - started > deadline, distributed)
+            finished = out_of_time or (max_steps is not None and state.step >= max_steps)
             if (cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0) or (
                 end_of_epoch and cfg.checkpoint.at_epoch_end
-            ) or out_of_time:
+            ) or finished:
                 _report(cfg, loop_config, model, ema, optimizers, scaler, state, terms, rank)
-            if (stop_at is not None and state.step >= stop_at) or out_of_time:
+            if (stop_at is not None and state.step >= stop_at) or finished:
                 return
             t_wait = time.perf_counter()
     if loop_config.get("dump_norm_stats_dir"):  # tests: is batch norm synced across ranks?
