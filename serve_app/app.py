@@ -2,14 +2,19 @@
 
 The args are a :class:`~serve_app.config.ServeConfig` mapping. The checkpoint's config is
 read here (no weights) to decide whether a ``StyleEncoder`` is deployed; each model
-deployment gets ``user_config = {"checkpoint": ...}``, which a later Serve config change can
-point at a new checkpoint (``reconfigure``, no restart).
+deployment gets ``user_config = {"checkpoint": args.checkpoint}``.
+
+Rolling out a new checkpoint in place: in the Serve config (``serve deploy``, a
+RayService's ``serveConfigV2``) leave ``args`` as they are and set
+``deployments: [{name: SpadeGenerator, user_config: {checkpoint: NEW}}]`` (and the same for
+``StyleEncoder``): Serve calls ``reconfigure`` on the running replicas, which load the new
+weights and swap them between batches. Changing ``args`` (or ``serve.run`` from Python,
+which always versions anew) replaces the replicas instead, also without dropping requests
+but with a cold start.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any
 
 from ray.serve import Application
@@ -39,28 +44,8 @@ def build_app(args: dict[str, Any] | ServeConfig) -> Application:
         health = {"health_check_period_s": section.health_check_period_s, "health_check_timeout_s": section.health_check_timeout_s}
         return {**replica_options, **health}
 
-    generator_args = options(config.generator)
-    generator = SpadeGenerator.options(
-        **config.generator.ray_options(), user_config=user_config, version=_version(generator_args, config.generator)
-    ).bind(generator_args)
+    generator = SpadeGenerator.options(**config.generator.ray_options(), user_config=user_config).bind(options(config.generator))
     encoder = None
     if model_config.use_vae:
-        encoder_args = options(config.encoder)
-        encoder = StyleEncoder.options(
-            **config.encoder.ray_options(), user_config=user_config, version=_version(encoder_args, config.encoder)
-        ).bind(encoder_args)
-    api = config.api_settings()
-    return SpadeIngress.options(**config.ingress.ray_options(), version=_version(api, config.ingress)).bind(generator, encoder, api)
-
-
-def _version(init_args: dict[str, Any], section: Any) -> str:
-    """A deployment version that changes with its init args and options but not with the
-    checkpoint: Serve then treats a new checkpoint as a light update (``reconfigure``)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        code = version("spade-ray")
-    except PackageNotFoundError:
-        code = "dev"
-    text = json.dumps([code, init_args, section.ray_options()], sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+        encoder = StyleEncoder.options(**config.encoder.ray_options(), user_config=user_config).bind(options(config.encoder))
+    return SpadeIngress.options(**config.ingress.ray_options()).bind(generator, encoder, config.api_settings())

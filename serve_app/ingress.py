@@ -34,6 +34,7 @@ from spade_core.config import ModelConfig
 from spade_core.semantics import classes_for
 
 from .config import ApiSettings
+from . import runtime
 from .deployments import InputError
 from .images import (
     MEDIA_TYPES,
@@ -89,7 +90,7 @@ class BodyLimit:
         self.inner = inner
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        settings: ApiSettings | None = getattr(app.state, "settings", None)
+        settings = runtime.settings
         if scope["type"] != "http" or settings is None:
             return await self.inner(scope, receive, send)
         limit = settings.limits.max_body_bytes
@@ -134,7 +135,7 @@ async def _auth_media_type_metrics(request: Request, call_next: Any) -> Response
     started = time.monotonic()
     path = _app_path(request.scope)
     route = path if path in _ROUTES else "other"
-    settings: ApiSettings | None = getattr(app.state, "settings", None)
+    settings = runtime.settings
     try:
         if settings is not None:
             _check_auth(request, settings)
@@ -176,6 +177,34 @@ async def _read(upload: UploadFile | None, field: str) -> bytes | None:
     return await upload.read()
 
 
+_ROUTES = {"/healthz", "/readyz", f"/{API_VERSION}/model", f"/{API_VERSION}/encode", f"/{API_VERSION}/synthesize"}
+
+
+def _parse_style_code(text: str, z_dim: int) -> tuple[np.ndarray, np.ndarray | None]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RequestError(400, f"style_code is not valid JSON: {exc}") from exc
+    logvar = None
+    if isinstance(value, dict):
+        if "mu" not in value or not set(value) <= {"mu", "logvar", "checkpoint"}:
+            raise RequestError(400, 'style_code must be a list of numbers or {"mu": [...], "logvar": [...]} as /v1/encode returns')
+        logvar = _vector(value.get("logvar"), z_dim, "style_code.logvar") if value.get("logvar") is not None else None
+        value = value["mu"]
+    return _vector(value, z_dim, "style_code"), logvar
+
+
+def _vector(value: Any, n: int, name: str) -> np.ndarray:
+    if not isinstance(value, list) or len(value) != n or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        raise RequestError(400, f"{name} must be a list of {n} numbers")
+    out = np.asarray(value, dtype=np.float32)
+    if not np.isfinite(out).all():
+        raise RequestError(400, f"{name} must be finite")
+    return out
+
+
+# Everything the ingress class uses is defined above it: Serve serializes the class when
+# it is decorated, and names defined later in this module are missing in the replica.
 @serve.deployment(name="SpadeIngress")
 @serve.ingress(app)
 class SpadeIngress:
@@ -183,7 +212,7 @@ class SpadeIngress:
         self.generator = generator
         self.encoder = encoder
         self.settings = ApiSettings.from_dict(settings)
-        app.state.settings = self.settings
+        runtime.settings = self.settings
         self._info: dict[str, Any] | None = None
         self._info_time = 0.0
         self._info_lock = asyncio.Lock()
@@ -325,29 +354,3 @@ class SpadeIngress:
                 return mu
             return (mu + rng.standard_normal(z_dim).astype(np.float32) * np.exp(0.5 * logvar)).astype(np.float32)
         return rng.standard_normal(z_dim).astype(np.float32)
-
-
-_ROUTES = {"/healthz", "/readyz", f"/{API_VERSION}/model", f"/{API_VERSION}/encode", f"/{API_VERSION}/synthesize"}
-
-
-def _parse_style_code(text: str, z_dim: int) -> tuple[np.ndarray, np.ndarray | None]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise RequestError(400, f"style_code is not valid JSON: {exc}") from exc
-    logvar = None
-    if isinstance(value, dict):
-        if "mu" not in value or not set(value) <= {"mu", "logvar", "checkpoint"}:
-            raise RequestError(400, 'style_code must be a list of numbers or {"mu": [...], "logvar": [...]} as /v1/encode returns')
-        logvar = _vector(value.get("logvar"), z_dim, "style_code.logvar") if value.get("logvar") is not None else None
-        value = value["mu"]
-    return _vector(value, z_dim, "style_code"), logvar
-
-
-def _vector(value: Any, n: int, name: str) -> np.ndarray:
-    if not isinstance(value, list) or len(value) != n or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-        raise RequestError(400, f"{name} must be a list of {n} numbers")
-    out = np.asarray(value, dtype=np.float32)
-    if not np.isfinite(out).all():
-        raise RequestError(400, f"{name} must be finite")
-    return out

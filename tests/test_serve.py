@@ -74,11 +74,34 @@ def decode(content: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(content)).convert("RGB"))
 
 
+def deploy(apps: list[dict]) -> None:
+    """Deploy a multi-app Serve config as `serve deploy` does (the declarative API, where a
+    change of a deployment's user_config alone reconfigures its running replicas)."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate({"applications": apps}), _blocking=False)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        status = serve.status().applications
+        states = {a["name"]: status[a["name"]].status if a["name"] in status else "MISSING" for a in apps}
+        if all(v == "RUNNING" for v in states.values()):
+            return
+        failed = {k: status[k].message for k, v in states.items() if v in ("DEPLOY_FAILED", "UNHEALTHY")}
+        assert not failed, failed
+        time.sleep(0.5)
+    raise AssertionError(f"apps not running after 240 s: {states}")
+
+
+def application(name: str, prefix: str, args: dict, deployments: list[dict] | None = None) -> dict:
+    app = {"name": name, "route_prefix": prefix, "import_path": "serve_app.app:build_app", "args": args}
+    return {**app, "deployments": deployments} if deployments else app
+
+
 @pytest.fixture(scope="module")
 def server(ray_cluster, tmp_path_factory):  # type: ignore[no-untyped-def]
     from ray import serve
-
-    from serve_app.app import build_app
 
     root = tmp_path_factory.mktemp("serve")
     models = {
@@ -90,23 +113,22 @@ def server(ray_cluster, tmp_path_factory):  # type: ignore[no-untyped-def]
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     batching = {"max_batch_size": 8, "batch_wait_timeout_s": 0.3}  # long enough for concurrent requests to meet
-    serve.run(
-        build_app({"checkpoint": str(root / "vae"), "generator": SMALL, "encoder": SMALL, "ingress": SMALL,
-                   "batching": batching, "limits": {"max_pixels": 600 * 600}}),
-        name="vae", route_prefix="/",
-    )
-    plain_args = {"checkpoint": str(root / "plain"), "generator": SMALL, "ingress": SMALL, "batching": batching}
-    serve.run(build_app(plain_args), name="plain", route_prefix="/plain")
     strict = {
         "checkpoint": str(root / "slow"), "ingress": SMALL, "auth_token_env": TOKEN_ENV,
         "generator": {**SMALL, "max_ongoing_requests": 1, "max_queued_requests": 1},
         "batching": {"max_batch_size": 1, "batch_wait_timeout_s": 0.0},
         "limits": {"max_body_bytes": 4000, "request_timeout_s": 5.0, "retry_after_s": 7},
     }
-    serve.run(build_app(strict), name="strict", route_prefix="/strict")
-    timeout = {"checkpoint": str(root / "slow"), "ingress": SMALL, "generator": SMALL, "limits": {"request_timeout_s": 0.02}}
-    serve.run(build_app(timeout), name="timeout", route_prefix="/timeout")
-    yield {"url": f"http://127.0.0.1:{port}", "models": models, "root": root, "plain_args": plain_args, "build_app": build_app}
+    apps = [
+        application("vae", "/", {"checkpoint": str(root / "vae"), "generator": SMALL, "encoder": SMALL, "ingress": SMALL,
+                                 "batching": batching, "limits": {"max_pixels": 600 * 600}}),
+        application("plain", "/plain", {"checkpoint": str(root / "plain"), "generator": SMALL, "ingress": SMALL, "batching": batching}),
+        application("strict", "/strict", strict),
+        application("timeout", "/timeout", {"checkpoint": str(root / "slow"), "ingress": SMALL, "generator": SMALL,
+                                            "limits": {"request_timeout_s": 0.02}}),
+    ]
+    deploy(apps)
+    yield {"url": f"http://127.0.0.1:{port}", "models": models, "root": root, "apps": apps}
     serve.shutdown()
 
 
@@ -157,7 +179,7 @@ def test_plain_model_rgb_palette_size_and_formats(server) -> None:  # type: igno
     r = post(url + "/v1/synthesize", {"labels": png(labels)})
     assert r.status_code == 200, r.text
     want = expected_image(model, labels)
-    assert decode(r.content).shape == (64, 128, 3)  # aspect ratio 2
+    assert decode(r.content).shape == (32, 64, 3)  # crop 64 wide, aspect ratio 2
     assert np.abs(decode(r.content).astype(int) - want.astype(int)).max() <= 1
     colors = np.array(model.classes.colors, dtype=np.uint8)[labels]  # the same map as palette colours
     rgb = post(url + "/v1/synthesize", {"labels": png(colors)})
@@ -169,7 +191,7 @@ def test_plain_model_rgb_palette_size_and_formats(server) -> None:  # type: igno
     assert webp.headers["content-type"] == "image/webp"
     assert Image.open(io.BytesIO(webp.content)).size == (100, 50)
     info = requests.get(url + "/v1/model", timeout=30).json()
-    assert info["input_size"] == {"height": 64, "width": 128}
+    assert info["input_size"] == {"height": 32, "width": 64}
     assert info["style"]["encoder"] is False and len(info["classes"]) == 13  # 12 + don't care channel
     assert requests.get(server["url"] + "/readyz", timeout=30).status_code == 200
     assert requests.get(server["url"] + "/docs", timeout=30).status_code == 200
@@ -260,7 +282,7 @@ def test_limits_auth_timeout_and_backpressure(server) -> None:  # type: ignore[n
     assert requests.get(server["url"] + "/strict/healthz", timeout=30).status_code == 200  # probes need no token
     r = post(url, {"labels": small}, headers=auth)
     assert r.status_code == 200, r.text
-    big = png((np.random.default_rng(0).random((64, 64)) * 12).astype(np.uint8))  # > 4,000 bytes
+    big = png((np.random.default_rng(0).random((160, 160)) * 12).astype(np.uint8))  # ~12 kB > 4,000 bytes
     too_big = post(url, {"labels": big}, headers=auth)
     assert too_big.status_code == 413 and "limit" in too_big.json()["error"]["message"]
 
@@ -305,8 +327,11 @@ def test_checkpoint_swap_through_user_config_drops_no_request(server) -> None:  
     thread = threading.Thread(target=load)
     thread.start()
     try:
-        args = {**server["plain_args"], "checkpoint": str(server["root"] / "plain2")}
-        serve.run(server["build_app"](args), name="plain", route_prefix="/plain")
+        # `serve deploy` of the same config with only the generator's user_config changed
+        new = {"checkpoint": str(server["root"] / "plain2")}
+        apps = [application(a["name"], a["route_prefix"], a["args"], [{"name": "SpadeGenerator", "user_config": new}])
+                if a["name"] == "plain" else a for a in server["apps"]]
+        deploy(apps)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not any(i and "plain2" in i for i in identities):
             time.sleep(0.2)

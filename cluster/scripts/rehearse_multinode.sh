@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# A two-node Ray cluster on this host, rehearsing a real submission: start a head and a
+# worker node on 127.0.0.1, submit a 2-worker training job (one worker per node:
+# placement SPREAD) with `ray job submit`, wait for it, check its checkpoint, stop both
+# nodes. Only the processes started here are stopped (`ray stop` would kill every Ray on
+# the host).
+#
+#   cluster/scripts/rehearse_multinode.sh          # from the repo root, after `pip install -e .`
+#
+# Environment: REHEARSAL_OUT (default out/rehearsal), REHEARSAL_STEPS (default 20),
+# REHEARSAL_GCS_PORT (6390), REHEARSAL_DASHBOARD_PORT (8265), REHEARSAL_METRICS_PORT (8081).
+set -euo pipefail
+
+cd "$(dirname "$0")/../.."
+BIN="${VIRTUAL_ENV:-$PWD/.venv}/bin"
+[ -x "$BIN/python" ] || BIN="$(dirname "$(command -v python)")"
+OUT="${REHEARSAL_OUT:-out/rehearsal}"
+STEPS="${REHEARSAL_STEPS:-20}"
+GCS_PORT="${REHEARSAL_GCS_PORT:-6390}"
+DASHBOARD_PORT="${REHEARSAL_DASHBOARD_PORT:-8265}"
+METRICS_PORT="${REHEARSAL_METRICS_PORT:-8081}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+export RAY_USAGE_STATS_ENABLED=0
+# A throwaway cluster on loopback: no token, so `ray job submit` needs none either.
+export RAY_AUTH_MODE=disabled
+RAY="$BIN/ray"
+PIDS=()
+
+stop_nodes() {
+  # --block nodes stop their own processes when their `ray start` gets SIGTERM
+  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+}
+trap stop_nodes EXIT
+
+echo "== data: synthetic scenes -> shards in $OUT"
+"$BIN/python" -m train_job.synthetic --out "$OUT/synthetic" --n 64 --size 64 --seed 0 --overwrite > /dev/null
+"$BIN/python" -m train_job.prepare --dataset ade20k --root "$OUT/synthetic" --split train --out "$OUT/shards" > /dev/null
+
+echo "== head node 127.0.0.1:$GCS_PORT (dashboard :$DASHBOARD_PORT, metrics :$METRICS_PORT)"
+"$RAY" start --head --block --node-ip-address=127.0.0.1 --port="$GCS_PORT" --num-cpus=2 \
+  --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" --metrics-export-port="$METRICS_PORT" \
+  --disable-usage-stats > "$OUT/head.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 1 60); do
+  curl -sf "http://127.0.0.1:$DASHBOARD_PORT/api/version" > /dev/null 2>&1 && break
+  kill -0 "${PIDS[0]}" 2>/dev/null || { cat "$OUT/head.log"; exit 1; }
+  sleep 1
+done
+
+echo "== worker node (2 CPUs, resource node2)"
+"$RAY" start --block --address="127.0.0.1:$GCS_PORT" --node-ip-address=127.0.0.1 --num-cpus=2 \
+  --resources='{"node2": 1}' --disable-usage-stats > "$OUT/worker.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 1 60); do
+  nodes=$("$BIN/python" -c "
+import ray
+ray.init(address='127.0.0.1:$GCS_PORT', logging_level='ERROR')
+print(sum(n['Alive'] for n in ray.nodes()))" 2>/dev/null || echo 0)
+  [ "$nodes" = 2 ] && break
+  kill -0 "${PIDS[1]}" 2>/dev/null || { cat "$OUT/worker.log"; exit 1; }
+  sleep 1
+done
+[ "$nodes" = 2 ] || { echo "the worker node did not join" >&2; exit 1; }
+
+echo "== ray job submit: 2 training workers, one per node, $STEPS steps"
+rm -rf "$OUT/runs/rehearsal"
+"$RAY" job submit --address "http://127.0.0.1:$DASHBOARD_PORT" --working-dir . -- \
+  python -m train_job --config cluster/configs/tiny.yaml \
+    --set "data.shards=$OUT/shards" --set "data.batch_size=4" --set "storage.path=$OUT/runs" --set storage.name=rehearsal \
+    --set scaling.num_workers=2 --set scaling.placement_strategy=SPREAD --set "optim.max_steps=$STEPS" \
+    --set "checkpoint.every_steps=$STEPS" --set checkpoint.at_epoch_end=false --set logging.every_steps=5 \
+    --set logging.sample_grid_every_steps=0 --set logging.metrics_port=null
+
+echo "== checkpoint"
+"$BIN/python" - "$OUT/runs/rehearsal" "$STEPS" <<'EOF'
+import json, sys
+from pathlib import Path
+import spade_core
+run, steps = Path(sys.argv[1]), int(sys.argv[2])
+latest = sorted(p for p in run.glob("checkpoint_*") if (p / "config.json").is_file())[-1]
+spade_core.load_checkpoint(latest)
+records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+workers = {(r["workers"], r["nodes"]) for r in records}
+print(f"ok: {latest} loads; last logged step {records[-1]['step']} of {steps}; (workers, nodes) {sorted(workers)}")
+assert records[-1]["step"] == steps and workers == {(2, 2)}, (records[-1], workers)  # 2 workers on 2 nodes
+EOF
+echo "== stopping both nodes"
