@@ -46,7 +46,7 @@ def test_two_node_rehearsal_trains_across_both_nodes_and_stops_them(tmp_path: Pa
     log = result.stdout[-4000:] + result.stderr[-4000:]
     assert result.returncode == 0, log
     assert "ok: " in result.stdout and "last logged step 6 of 6" in result.stdout, log
-    assert "(2, 2)" in result.stdout, log  # two workers, on two nodes
+    assert "2 train workers on 2 nodes" in result.stdout, log
     # both nodes are gone: nothing listens on the head's port any more
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", gcs)) != 0

@@ -14,6 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN="${VIRTUAL_ENV:-$PWD/.venv}/bin"
 [ -x "$BIN/python" ] || BIN="$(dirname "$(command -v python)")"
+export PATH="$BIN:$PATH"  # as an activated venv: Ray's processes and jobs find the same python
 OUT="${QUICKSTART_OUT:-out/quickstart}"
 STEPS="${QUICKSTART_STEPS:-300}"
 PORT="${QUICKSTART_PORT:-8000}"

@@ -14,6 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN="${VIRTUAL_ENV:-$PWD/.venv}/bin"
 [ -x "$BIN/python" ] || BIN="$(dirname "$(command -v python)")"
+export PATH="$BIN:$PATH"  # as an activated venv: Ray's processes and jobs find the same python
 OUT="${REHEARSAL_OUT:-out/rehearsal}"
 STEPS="${REHEARSAL_STEPS:-20}"
 GCS_PORT="${REHEARSAL_GCS_PORT:-6390}"
@@ -70,20 +71,25 @@ rm -rf "$OUT/runs/rehearsal"
   python -m train_job --config cluster/configs/tiny.yaml \
     --set "data.shards=$OUT/shards" --set "data.batch_size=4" --set "storage.path=$OUT/runs" --set storage.name=rehearsal \
     --set scaling.num_workers=2 --set scaling.placement_strategy=SPREAD --set "optim.max_steps=$STEPS" \
-    --set "checkpoint.every_steps=$STEPS" --set checkpoint.at_epoch_end=false --set logging.every_steps=5 \
+    --set "checkpoint.every_steps=$STEPS" --set checkpoint.at_epoch_end=false --set logging.every_steps=1 \
     --set logging.sample_grid_every_steps=0 --set logging.metrics_port=null
 
-echo "== checkpoint"
-"$BIN/python" - "$OUT/runs/rehearsal" "$STEPS" <<'EOF'
+echo "== checkpoint, and where the workers ran"
+"$BIN/python" - "$OUT/runs/rehearsal" "$STEPS" "$GCS_PORT" <<'EOF'
 import json, sys
 from pathlib import Path
+import ray
+from ray.util.state import list_actors
 import spade_core
-run, steps = Path(sys.argv[1]), int(sys.argv[2])
+run, steps, port = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 latest = sorted(p for p in run.glob("checkpoint_*") if (p / "config.json").is_file())[-1]
 spade_core.load_checkpoint(latest)
 records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-workers = {(r["workers"], r["nodes"]) for r in records}
-print(f"ok: {latest} loads; last logged step {records[-1]['step']} of {steps}; (workers, nodes) {sorted(workers)}")
-assert records[-1]["step"] == steps and workers == {(2, 2)}, (records[-1], workers)  # 2 workers on 2 nodes
+ray.init(address=f"127.0.0.1:{port}", logging_level="ERROR")
+workers = list_actors(filters=[("class_name", "=", "RayTrainWorker")], detail=True)
+nodes = {w.node_id for w in workers}
+print(f"ok: {latest} loads; last logged step {records[-1]['step']} of {steps}; "
+      f"{len(workers)} train workers on {len(nodes)} nodes")
+assert records[-1]["step"] == steps and len(workers) == 2 and len(nodes) == 2, (records[-1], workers)
 EOF
 echo "== stopping both nodes"
