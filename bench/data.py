@@ -60,7 +60,7 @@ def ray_pipeline(root: str, batch_size: int) -> tuple[float, float]:
     """(images/s over the second epoch, seconds to the first batch of the first epoch)."""
     import ray
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:

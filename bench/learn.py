@@ -66,7 +66,7 @@ def main() -> None:
             "optim.niter=1000", "optim.niter_decay=0", f"checkpoint.every_steps={args.every}", "checkpoint.keep=1000",
             "logging.every_steps=50", "logging.sample_grid_every_steps=0", "logging.metrics_port=null", *args.overrides,
         ])
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True, logging_level="WARNING")
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True, logging_level="WARNING")
         t0 = time.perf_counter()
         result = build_trainer(cfg, extra_loop_config={"time_budget_s": args.minutes * 60}).fit()
         train_s = time.perf_counter() - t0

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RAY_ADDRESS"):
             ray.init(logging_level="WARNING")
         else:
-            ray.init(num_cpus=args.num_cpus, include_dashboard=False, logging_level="WARNING",
+            ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, logging_level="WARNING",
                      _metrics_export_port=args.metrics_port)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build_app(config), name="spade", route_prefix="/")

@@ -74,6 +74,6 @@ def ray_cluster():  # type: ignore[no-untyped-def]
     os.environ.update(RAY_ENV)
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a stale or foreign cluster
     yield ray
     ray.shutdown()

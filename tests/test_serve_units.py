@@ -128,3 +128,34 @@ def test_output_size_parsing() -> None:
     for bad in ("80", "axb", "0x10", "101x5"):
         with pytest.raises(RequestError):
             parse_size(bad, original=(30, 40), model=(64, 64), max_side=100)
+
+
+def test_uri_checkpoints_are_copied_to_the_cache_newest_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A URI goes through pyarrow's filesystems (file:// here; s3:// and gs:// the same way)."""
+    import serve_app.checkpoints as checkpoints
+
+    monkeypatch.setattr(checkpoints, "CACHE_DIR", tmp_path / "cache")
+    model = spade_core.build_model(TINY, discriminator=False, seed=0)
+    for name in ("checkpoint_2026-01-01_10-00-00.000000", "checkpoint_2026-01-02_09-00-00.000000"):
+        spade_core.save_checkpoint(model, tmp_path / "run" / name)
+    local = checkpoints._download(f"file://{tmp_path}/run")
+    assert local.name == "checkpoint_2026-01-02_09-00-00.000000" and (local / "config.json").is_file()
+    assert not any(p.name.startswith("checkpoint_2026-01-01") for p in (tmp_path / "cache").rglob("*"))
+    assert checkpoints._download(f"file://{tmp_path}/run") == local  # cached
+    loaded, identity = checkpoints.load_model(str(local))
+    assert loaded.config == TINY and identity.startswith(str(local))
+    with pytest.raises(ValueError, match="does not exist"):
+        checkpoints._download(f"file://{tmp_path}/missing")
+
+
+def test_nvlabs_directories_are_served_as_they_are(nvlabs_fixture: Path) -> None:
+    assert resolve_checkpoint(str(nvlabs_fixture / "checkpoint")) == nvlabs_fixture / "checkpoint"
+
+
+def test_spade_serve_refuses_a_bad_checkpoint_before_starting_ray(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from serve_app.__main__ import main
+
+    assert main(["--checkpoint", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["--checkpoint", str(tmp_path), "--set", "batching.max_batch_size=0"]) == 2
+    assert "batching.max_batch_size must be >= 1" in capsys.readouterr().err

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
     address = args.address or os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True) if address else ray.init(log_to_driver=True)
+        ray.init(address=address, log_to_driver=True) if address else ray.init(address="local", log_to_driver=True)
     try:
         trainer = build_trainer(cfg)
     except ValueError as exc:

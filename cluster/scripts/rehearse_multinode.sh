@@ -32,6 +32,8 @@ stop_nodes() {
   # --block nodes stop their own processes when their `ray start` gets SIGTERM
   for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  # what `ray stop` would also clean: else a later bare ray.init() tries to join this dead head
+  if [ "$(cat /tmp/ray/ray_current_cluster 2>/dev/null)" = "127.0.0.1:$GCS_PORT" ]; then rm -f /tmp/ray/ray_current_cluster; fi
 }
 trap stop_nodes EXIT
 
