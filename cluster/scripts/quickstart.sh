@@ -11,18 +11,13 @@
 # unless stdin is a terminal).
 set -euo pipefail
 
-cd "$(dirname "$0")/../.."
-BIN="${VIRTUAL_ENV:-$PWD/.venv}/bin"
-[ -x "$BIN/python" ] || BIN="$(dirname "$(command -v python)")"
-export PATH="$BIN:$PATH"  # as an activated venv: Ray's processes and jobs find the same python
+source "$(dirname "$0")/env.sh"
 OUT="${QUICKSTART_OUT:-out/quickstart}"
 STEPS="${QUICKSTART_STEPS:-300}"
 PORT="${QUICKSTART_PORT:-8000}"
 METRICS_PORT="${QUICKSTART_METRICS_PORT:-8080}"
 LABELS=samples/ade20k/ADEChallengeData2016/annotations/training/ADE_train_00000001.png
-export RAY_USAGE_STATS_ENABLED=0 RAY_TRAIN_ENABLE_PRINT_PATCH=0
-mkdir -p "$OUT"
-OUT="$(cd "$OUT" && pwd)"
+OUT="$(absolute_dir "$OUT")"
 
 echo "== 1/4 synthetic ADE20K-layout dataset -> $OUT/synthetic"
 "$BIN/python" -m train_job.synthetic --out "$OUT/synthetic" --n 400 --size 64 --seed 0

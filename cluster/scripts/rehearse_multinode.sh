@@ -11,18 +11,13 @@
 # REHEARSAL_GCS_PORT (6390), REHEARSAL_DASHBOARD_PORT (8265), REHEARSAL_METRICS_PORT (8081).
 set -euo pipefail
 
-cd "$(dirname "$0")/../.."
-BIN="${VIRTUAL_ENV:-$PWD/.venv}/bin"
-[ -x "$BIN/python" ] || BIN="$(dirname "$(command -v python)")"
-export PATH="$BIN:$PATH"  # as an activated venv: Ray's processes and jobs find the same python
+source "$(dirname "$0")/env.sh"
 OUT="${REHEARSAL_OUT:-out/rehearsal}"
 STEPS="${REHEARSAL_STEPS:-20}"
 GCS_PORT="${REHEARSAL_GCS_PORT:-6390}"
 DASHBOARD_PORT="${REHEARSAL_DASHBOARD_PORT:-8265}"
 METRICS_PORT="${REHEARSAL_METRICS_PORT:-8081}"
-mkdir -p "$OUT"
-OUT="$(cd "$OUT" && pwd)"
-export RAY_USAGE_STATS_ENABLED=0
+OUT="$(absolute_dir "$OUT")"
 # A throwaway cluster on loopback: no token, so `ray job submit` needs none either.
 export RAY_AUTH_MODE=disabled
 RAY="$BIN/ray"
