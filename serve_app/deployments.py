@@ -127,7 +127,7 @@ class _ModelReplica:
             raise RuntimeError("no model loaded")
         timeout = float(self.options["health_check_timeout_s"])
         if self._busy_since is not None and time.monotonic() - self._busy_since > timeout:
-            raise RuntimeError(f"a batch has been running for more than {timeout:.0f} s")
+            raise RuntimeError(f"a batch has been running for more than {timeout:g} s")
         if time.monotonic() - self._last_ok > float(self.options["health_check_period_s"]):
             await asyncio.to_thread(self._locked, lambda _: self.probe(), [])  # idle: prove the model still runs
             self._last_ok = time.monotonic()

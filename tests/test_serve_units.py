@@ -159,3 +159,35 @@ def test_spade_serve_refuses_a_bad_checkpoint_before_starting_ray(tmp_path: Path
     assert "does not exist" in capsys.readouterr().err
     assert main(["--checkpoint", str(tmp_path), "--set", "batching.max_batch_size=0"]) == 2
     assert "batching.max_batch_size must be >= 1" in capsys.readouterr().err
+
+
+def test_replica_health_check_probes_an_idle_model_and_fails_a_stuck_batch(tmp_path: Path) -> None:
+    """What Serve's health check calls (outside Ray here): no model -> unhealthy; an idle
+    replica runs a tiny inference; a batch running past the timeout -> unhealthy, so Serve
+    replaces the replica; a model that cannot run -> unhealthy."""
+    import asyncio
+    import time
+
+    from serve_app.deployments import SpadeGenerator
+
+    spade_core.save_checkpoint(spade_core.build_model(TINY, discriminator=False, seed=0), tmp_path / "ckpt")
+    options = {"device": "cpu", "precision": "fp32", "compile": False, "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.0},
+               "health_check_period_s": 0.01, "health_check_timeout_s": 0.5}
+    replica = SpadeGenerator.func_or_class(options)
+
+    async def scenario() -> None:
+        with pytest.raises(RuntimeError, match="no model loaded"):
+            await replica.check_health()
+        await replica.reconfigure({"checkpoint": str(tmp_path / "ckpt")})
+        await replica.check_health()  # idle: the probe runs a 1-image inference
+        replica._busy_since = time.monotonic() - 1.0
+        with pytest.raises(RuntimeError, match="running for more than 0.5 s"):
+            await replica.check_health()
+        replica._busy_since = None
+        replica.loaded.model._fast = None  # break the model: the probe must notice
+        replica.loaded.model.generator.fc = None
+        time.sleep(0.02)
+        with pytest.raises(Exception):
+            await replica.check_health()
+
+    asyncio.run(scenario())
