@@ -37,7 +37,7 @@ def clean_env(**extra: str) -> dict[str, str]:
 def test_two_node_rehearsal_trains_across_both_nodes_and_stops_them(tmp_path: Path) -> None:
     gcs, dashboard, metrics = free_ports(3)
     env = clean_env(
-        VIRTUAL_ENV=str(Path(sys.executable).parent.parent), REHEARSAL_OUT=str(tmp_path / "rehearsal"), REHEARSAL_STEPS="6",
+        VIRTUAL_ENV=str(Path(sys.executable).parent.parent), REHEARSAL_OUT=str(tmp_path / "rehearsal"), REHEARSAL_STEPS="2",
         REHEARSAL_GCS_PORT=str(gcs), REHEARSAL_DASHBOARD_PORT=str(dashboard), REHEARSAL_METRICS_PORT=str(metrics),
     )
     result = subprocess.run(
@@ -45,7 +45,7 @@ def test_two_node_rehearsal_trains_across_both_nodes_and_stops_them(tmp_path: Pa
     )
     log = result.stdout[-4000:] + result.stderr[-4000:]
     assert result.returncode == 0, log
-    assert "ok: " in result.stdout and "last logged step 6 of 6" in result.stdout, log
+    assert "ok: " in result.stdout and "last logged step 2 of 2" in result.stdout, log
     assert "2 train workers on 2 nodes" in result.stdout, log
     # both nodes are gone: nothing listens on the head's port any more
     with socket.socket() as s:
@@ -68,7 +68,7 @@ def test_readme_first_command_works_in_a_fresh_clone(tmp_path: Path) -> None:
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True, timeout=120)
     http, metrics = free_ports(2)
-    env = clean_env(QUICKSTART_STEPS="8", QUICKSTART_PORT=str(http), QUICKSTART_METRICS_PORT=str(metrics), QUICKSTART_KEEP="0")
+    env = clean_env(QUICKSTART_STEPS="2", QUICKSTART_SCENES="48", QUICKSTART_PORT=str(http), QUICKSTART_METRICS_PORT=str(metrics), QUICKSTART_KEEP="0")
     command = readme_first_command()
     result = subprocess.run(["bash", "-c", command], cwd=clone, env=env, capture_output=True, text=True, timeout=900)
     log = result.stdout[-5000:] + result.stderr[-3000:]

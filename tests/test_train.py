@@ -37,7 +37,7 @@ def tiny_config(shards: Path, runs: Path, name: str, *extra: str):  # type: igno
     overrides = [
         f"data.shards={shards}", f"storage.path={runs}", f"storage.name={name}", "data.batch_size=4",
         "model.generator.ngf=8", "model.discriminator.ndf=8", "optim.niter=0", "optim.niter_decay=2",
-        "checkpoint.every_steps=2", "checkpoint.keep=2", "logging.every_steps=1", "logging.sample_grid_every_steps=6",
+        "checkpoint.every_steps=4", "checkpoint.keep=2", "logging.every_steps=1", "logging.sample_grid_every_steps=6",
         "logging.metrics_port=null", *extra,
     ]
     return load_train_config(TINY, overrides)
@@ -91,10 +91,16 @@ def test_a_killed_worker_is_replaced_and_training_resumes(ray_cluster, shards: P
     assert steps[-1] == 12 and steps.count(5) == 2  # step 5 ran, died, and ran again after resuming from step 4
 
 
-def test_rerun_resumes_the_exact_step_lr_schedule_and_optimiser_state(ray_cluster, shards: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_rerun_and_resume_flag_continue_the_exact_step_lr_schedule_and_optimiser_state(ray_cluster, shards: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     cfg = tiny_config(shards, tmp_path, "resumed")
     first = build_trainer(cfg, extra_loop_config={"stop_at_step": 4}).fit()  # stops mid-epoch 0
     assert saved_state(first.checkpoint.path)["state"] == {"step": 4, "epoch": 0, "epoch_step": 4}
+    # --resume (before the rerun below prunes that checkpoint): a new run, under its own name,
+    # starts from the first run's step-4 checkpoint
+    branched_cfg = tiny_config(shards, tmp_path, "branched", f"storage.resume_from={first.checkpoint.path}")
+    branched = build_trainer(branched_cfg).fit()
+    assert saved_state(branched.checkpoint.path)["state"] == {"step": 12, "epoch": 2, "epoch_step": 0}
+    assert [m["step"] for m in metrics(tmp_path, "branched")] == list(range(5, 13))  # 4 from the source, 8 here
     second = build_trainer(cfg).fit()  # same storage + name: Ray Train hands back the latest checkpoint
     final = saved_state(second.checkpoint.path)
     assert final["state"] == {"step": 12, "epoch": 2, "epoch_step": 0}
@@ -108,14 +114,6 @@ def test_rerun_resumes_the_exact_step_lr_schedule_and_optimiser_state(ray_cluste
     # Adam continued: its step count covers both runs
     adam_steps = {int(s["step"]) for s in final["optimizers"]["generator"]["state"].values()}
     assert adam_steps == {12}
-
-
-def test_resume_flag_starts_a_new_run_from_a_checkpoint(ray_cluster, shards: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    cfg = tiny_config(shards, tmp_path, "source", "optim.niter_decay=1")
-    source = build_trainer(cfg).fit().checkpoint.path
-    resumed_cfg = tiny_config(shards, tmp_path, "continued", f"storage.resume_from={source}")
-    result = build_trainer(resumed_cfg).fit()
-    assert saved_state(result.checkpoint.path)["state"]["step"] == 12  # 6 from the source run, 6 more here
 
 
 def test_cli_reports_bad_configs_and_mismatched_shards(shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -133,7 +131,7 @@ def test_cli_reports_bad_configs_and_mismatched_shards(shards: Path, tmp_path: P
 def test_mixed_precision_channels_last_and_clipping_train_one_worker(ray_cluster, shards: Path, tmp_path: Path, precision: str) -> None:  # type: ignore[no-untyped-def]
     cfg = tiny_config(
         shards, tmp_path, f"amp_{precision}", f"optim.precision={precision}", "optim.channels_last=true",
-        "optim.grad_clip=1.0", "optim.ema_decay=null", "scaling.num_workers=1", "optim.niter_decay=1",
+        "optim.grad_clip=1.0", "optim.ema_decay=null", "scaling.num_workers=1", "optim.niter_decay=1", "checkpoint.every_steps=2",
     )
     result = build_trainer(cfg, extra_loop_config={"stop_at_step": 2}).fit()  # fp16 convs are slow on CPUs
     assert result.error is None

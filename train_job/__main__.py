@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a config value, e.g. --set optim.lr=1e-4 (repeatable)")
     parser.add_argument("--resume", help="start from this training checkpoint directory")
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--dashboard", action="store_true", help="start the Ray dashboard with a local Ray (:8265)")
     args = parser.parse_args(argv)
     try:
         cfg = load_train_config(args.config, args.overrides)
@@ -74,7 +75,10 @@ def main(argv: list[str] | None = None) -> int:
 
     address = args.address or os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True) if address else ray.init(address="local", log_to_driver=True)
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:  # a new local Ray; its dashboard costs a core's worth of time on small machines: opt in
+            ray.init(address="local", include_dashboard=args.dashboard, log_to_driver=True)
     try:
         trainer = build_trainer(cfg)
     except ValueError as exc:

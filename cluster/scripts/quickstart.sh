@@ -6,21 +6,22 @@
 #   cluster/scripts/quickstart.sh            # from the repo root, after `pip install -e .`
 #
 # Environment: QUICKSTART_OUT (default out/quickstart), QUICKSTART_STEPS (training steps,
-# default 300), QUICKSTART_PORT (HTTP, default 8000), QUICKSTART_METRICS_PORT (default 8080),
-# QUICKSTART_KEEP=1 keeps the server running until Ctrl-C (default: stop after the demo,
-# unless stdin is a terminal).
+# default 300), QUICKSTART_SCENES (synthetic training scenes, default 400), QUICKSTART_PORT
+# (HTTP, default 8000), QUICKSTART_METRICS_PORT (default 8080); QUICKSTART_KEEP=1 keeps the
+# server running until Ctrl-C (default: stop after the demo, unless stdin is a terminal).
 set -euo pipefail
 
 source "$(dirname "$0")/env.sh"
 OUT="${QUICKSTART_OUT:-out/quickstart}"
 STEPS="${QUICKSTART_STEPS:-300}"
+SCENES="${QUICKSTART_SCENES:-400}"
 PORT="${QUICKSTART_PORT:-8000}"
 METRICS_PORT="${QUICKSTART_METRICS_PORT:-8080}"
 LABELS=samples/ade20k/ADEChallengeData2016/annotations/training/ADE_train_00000001.png
 OUT="$(absolute_dir "$OUT")"
 
 echo "== 1/4 synthetic ADE20K-layout dataset -> $OUT/synthetic"
-"$BIN/python" -m train_job.synthetic --out "$OUT/synthetic" --n 400 --size 64 --seed 0
+"$BIN/python" -m train_job.synthetic --out "$OUT/synthetic" --n "$SCENES" --size 64 --seed 0
 
 echo "== 2/4 Parquet shards -> $OUT/shards"
 "$BIN/python" -m train_job.prepare --dataset ade20k --root "$OUT/synthetic" --split train --out "$OUT/shards"
