@@ -125,6 +125,7 @@ class _ModelReplica:
         """Called by Serve every health_check_period_s; raising (or timing out) replaces the replica."""
         if self.loaded is None:
             raise RuntimeError("no model loaded")
+        self.metrics["replicas"].set(1, tags={"deployment": self.deployment})  # refreshed: gauges set once can go stale
         timeout = float(self.options["health_check_timeout_s"])
         if self._busy_since is not None and time.monotonic() - self._busy_since > timeout:
             raise RuntimeError(f"a batch has been running for more than {timeout:g} s")

@@ -44,7 +44,7 @@ PLAIN = ModelConfig(
 SLOW = ModelConfig(
     labels=LabelConfig(label_nc=12), generator=GeneratorConfig(ngf=16, crop_size=256, spade=SpadeConfig(hidden=32)), discriminator=D
 )
-SMALL = {"num_cpus": 0.1, "health_check_period_s": 2.0}
+SMALL = {"num_cpus": 0.1}
 
 
 def free_port() -> int:

@@ -62,6 +62,12 @@ print(sum(n['Alive'] for n in ray.nodes()))" 2>/dev/null || echo 0)
 done
 [ "$nodes" = 2 ] || { echo "the worker node did not join" >&2; exit 1; }
 
+# The head answers before its job agent has registered ("No available agent"): probe first.
+for _ in $(seq 1 60); do
+  "$RAY" job submit --address "http://127.0.0.1:$DASHBOARD_PORT" --no-wait -- true > /dev/null 2>&1 && break
+  sleep 1
+done
+
 echo "== ray job submit: 2 training workers, one per node, $STEPS steps"
 rm -rf "$OUT/runs/rehearsal"
 "$RAY" job submit --address "http://127.0.0.1:$DASHBOARD_PORT" --working-dir . -- \
