@@ -77,7 +77,7 @@ class _ModelReplica:
         location = user_config["checkpoint"]
         if "batching" in user_config:
             self._set_batching(user_config["batching"])
-        if self.loaded is not None and self.loaded.location == location and not user_config.get("reload"):
+        if self.loaded is not None and self.loaded.location == location:
             return
         loaded = await asyncio.to_thread(self._load, location)
         self.loaded = loaded  # the swap: batches that started keep their reference to the old model
