@@ -26,11 +26,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import spade_core  # noqa: E402
+from spade_core.metrics import mean_iou  # noqa: E402
 from train_job.__main__ import build_trainer  # noqa: E402
 from train_job.config import load_train_config  # noqa: E402
 from train_job.metrics import save_sample_grid  # noqa: E402
 from train_job.prepare import main as prepare_main  # noqa: E402
-from train_job.synthetic import generate_scene, mean_iou, segment, write_dataset  # noqa: E402
+from train_job.synthetic import generate_scene, segment, write_dataset  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

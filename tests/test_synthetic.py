@@ -1,4 +1,4 @@
-"""train_job.synthetic: the procedural ADE20K-layout scenes, the oracle segmenter, mean_iou and the CLI."""
+"""train_job.synthetic: the procedural ADE20K-layout scenes, the oracle segmenter fitted on them, mean_iou and the CLI."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
+from spade_core.metrics import mean_iou
+from spade_core.metrics.oracle import LUMA
 from spade_core.semantics import ade20k_classes
 from train_job import synthetic as syn
 
@@ -82,7 +84,7 @@ def test_each_class_has_a_consistent_colour_and_texture_signature() -> None:
     per_class: dict[int, list[np.ndarray]] = {}
     for image, label in _scenes(12, 40, 64):
         img = image.astype(np.float64)
-        lum = img @ syn.LUMA
+        lum = img @ LUMA
         dx = np.abs(np.diff(lum, axis=1))
         dy = np.abs(np.diff(lum, axis=0))
         for c in np.unique(label).tolist():
@@ -128,13 +130,13 @@ def test_mean_iou_is_the_standard_confusion_matrix_miou() -> None:
     target = np.array([[1, 1, 2, 2], [1, 1, 2, 0]])
     pred = np.array([[1, 1, 1, 2], [1, 3, 2, 2]])
     # class 1: tp 3, fp 1, fn 1 -> 3/5; class 2: tp 2, fp 0, fn 1 -> 2/3; class 3: only predicted -> 0
-    assert syn.mean_iou(pred, target) == pytest.approx((3 / 5 + 2 / 3 + 0) / 3)
-    assert syn.mean_iou(target, target) == 1.0
-    assert syn.mean_iou(torch.from_numpy(pred), torch.from_numpy(target)) == pytest.approx(syn.mean_iou(pred, target))
+    assert mean_iou(pred, target) == pytest.approx((3 / 5 + 2 / 3 + 0) / 3)
+    assert mean_iou(target, target) == 1.0
+    assert mean_iou(torch.from_numpy(pred), torch.from_numpy(target)) == pytest.approx(mean_iou(pred, target))
     # predicting the ignore label on a labelled pixel is a miss
-    assert syn.mean_iou(np.zeros_like(target), target) == 0.0
+    assert mean_iou(np.zeros_like(target), target) == 0.0
     with pytest.raises(ValueError):
-        syn.mean_iou(pred[:, :3], target)
+        mean_iou(pred[:, :3], target)
 
 
 # ---------------------------------------------------------------------------------------
@@ -147,28 +149,28 @@ def test_oracle_segments_the_written_jpegs(written: dict[int, Path], size: int) 
     assert len(images) == 20
     pred = syn.segment(images)
     assert pred.shape == labels.shape and pred.dtype == np.int64
-    miou = syn.mean_iou(pred, labels)
+    miou = mean_iou(pred, labels)
     assert miou >= 0.95, miou  # measured ~0.99 at 64 px, ~0.999 at 256 px
-    per_image = [syn.mean_iou(p, t) for p, t in zip(pred, labels)]
+    per_image = [mean_iou(p, t) for p, t in zip(pred, labels)]
     assert np.mean(per_image) >= 0.9, per_image
 
 
 def test_oracle_is_not_fooled_by_garbage(written: dict[int, Path]) -> None:
     images, labels = _read_split(written[64], "validation")
     noise = np.random.default_rng(0).integers(0, 256, images.shape, dtype=np.uint8)
-    assert syn.mean_iou(syn.segment(noise), labels) < 0.2
+    assert mean_iou(syn.segment(noise), labels) < 0.2
     grey = np.full_like(images, 128)
-    assert syn.mean_iou(syn.segment(grey), labels) < 0.2
+    assert mean_iou(syn.segment(grey), labels) < 0.2
     # right layout, wrong colours: every class painted in another class's look
     oracle = syn.default_oracle()
     lut = np.zeros((256, 3), np.uint8)
     ids = oracle.ids
     for j, c in enumerate(ids):
         lut[c] = np.rint(oracle.pixel_mean[(j + 5) % len(ids)])
-    assert syn.mean_iou(syn.segment(lut[labels]), labels) < 0.2
+    assert mean_iou(syn.segment(lut[labels]), labels) < 0.2
     # pixels of a real scene, shuffled: the colours are right, the layout is not
     shuffled = images.reshape(len(images), -1, 3)[:, np.random.default_rng(1).permutation(64 * 64)].reshape(images.shape)
-    assert syn.mean_iou(syn.segment(shuffled), labels) < 0.2
+    assert mean_iou(syn.segment(shuffled), labels) < 0.2
 
 
 def test_oracle_takes_torch_tensors_and_float_images_in_minus1_1(written: dict[int, Path]) -> None:
@@ -181,9 +183,9 @@ def test_oracle_takes_torch_tensors_and_float_images_in_minus1_1(written: dict[i
     assert np.array_equal(syn.segment(tensor), want)
     assert np.array_equal(syn.segment(tensor[0]), want[0])
     bf16 = syn.segment(tensor.to(torch.bfloat16))  # bf16 rounding moves a few pixel values
-    assert syn.mean_iou(bf16, want) > 0.9
+    assert mean_iou(bf16, want) > 0.9
     assert np.array_equal(syn.segment(torch.from_numpy(images).permute(0, 3, 1, 2)), want)
-    assert np.array_equal(syn.OracleSegmenter()(images[0]), want[0])  # deterministic fit
+    assert np.array_equal(syn.fit_oracle()(images[0]), want[0])  # deterministic fit
     with pytest.raises(ValueError, match="RGB"):
         syn.segment(np.zeros((8, 8), np.uint8))
 
@@ -254,3 +256,15 @@ def test_cli_module_entry_point_exit_codes(tmp_path: Path) -> None:
         text=True,
     )
     assert bad.returncode == 2 and "--n must be >= 1" in bad.stderr
+
+
+def test_workers_write_the_same_files(tmp_path: Path) -> None:
+    """Scenes drawn in several processes are byte-identical to one process's (each depends only on (seed, split, i))."""
+    syn.write_dataset(tmp_path / "one", 6, 32, seed=3)
+    syn.write_dataset(tmp_path / "two", 6, 32, seed=3, workers=2)
+    one = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("ADE_*"))
+    two = sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("ADE_*"))
+    assert one == two and len(one) == 12
+    for rel in one:
+        assert (tmp_path / "one" / rel).read_bytes() == (tmp_path / "two" / rel).read_bytes()
+    assert syn.main(["--out", str(tmp_path / "bad"), "--n", "2", "--size", "32", "--workers", "0"]) == 2

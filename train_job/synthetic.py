@@ -8,32 +8,31 @@ with its own base colour AND its own texture (stripes of a class-specific period
 orientation, a window grid, a checker, blotchy noise of a class-specific amplitude, a
 vertical gradient), all in pixel units, so a class looks the same at any image size.
 
-The oracle (:class:`OracleSegmenter`, :func:`segment`) labels an image by appearance alone.
-Per 3 x 3 window it computes the mean RGB colour and the mean absolute horizontal and
-vertical luminance differences (texture energy by direction) and measures the window's
-standardised distance to each class prototype; per pixel it also scores the pixel's own
-colour under each class's colour distribution. A class's score at a pixel is its best
-window among the windows containing the pixel (edge-preserving, like a Kuwahara filter)
-plus 3 x the pixel term; the lowest wins, and a class held by fewer than 3 pixels of a
-3 x 3 neighbourhood gives way to the best supported one. The prototypes are fitted once per
-process, deterministically, on generated scenes after a JPEG round trip (also 4:2:0 and
-slightly blurred copies). Measured on fresh JPEG scenes: mIoU ~0.99 at 64 px, ~0.999 at
-256 px; ~0.02 on noise. Colour carries most of the weight: right colours without the
-textures still score high, wrong colours in the right layout score ~0.08.
+The oracle segmenter that labels such images by appearance alone is
+:class:`spade_core.metrics.oracle.OracleSegmenter` (the algorithm, beside the metrics it
+serves; it knows nothing of these scenes). This module fits it on them: :func:`fit_oracle`
+learns the class prototypes deterministically from generated scenes after a JPEG round trip
+(also 4:2:0 and slightly blurred copies), :func:`default_oracle` is that fit made once per
+process, and :func:`segment` labels images with it. Measured on fresh JPEG scenes: mIoU
+~0.99 at 64 px, ~0.999 at 256 px; ~0.02 on noise. Colour carries most of the weight: right
+colours without the textures still score high, wrong colours in the right layout score ~0.08.
 
 It is the metric of the project's learning benchmark: images a trained SPADE model generates
-from a label map are segmented and compared with that label map by :func:`mean_iou`
-(one confusion matrix over all pixels, classes present in target or prediction).
-
-Inputs the oracle takes (:func:`as_uint8_image`): a uint8 ``H x W x 3`` RGB array (or a
+from a label map are segmented and compared with that label map by
+:func:`spade_core.metrics.mean_iou` (one confusion matrix over all pixels, classes present
+in target or prediction). :func:`segment` takes what
+:func:`spade_core.metrics.oracle.as_uint8_image` takes: a uint8 ``H x W x 3`` RGB array (or a
 batch ``B x H x W x 3``), a float array in ``[-1, 1]`` of the same layouts, or a torch
 tensor ``3 x H x W`` / ``B x 3 x H x W`` - float in ``[-1, 1]`` (the generator's tanh
-output) or uint8. Float inputs are mapped with ``round((x + 1) * 127.5)`` and clipped.
+output) or uint8.
+
+Importing this module does not import torch (scene writers run in spawned processes):
+spade_core is imported only when the oracle is fitted or class names are asked for.
 
 CLI::
 
     python -m train_job.synthetic --out DIR --n N --size S [--seed K]
-        [--split training|validation|both] [--val-n M] [--overwrite]
+        [--split training|validation|both] [--val-n M] [--overwrite] [--workers N]
 
 writes ``DIR/ADEChallengeData2016/{images,annotations}/{training,validation}/`` with
 ``ADE_train_%08d.jpg`` (JPEG quality 95, 4:4:4) and ``ADE_train_%08d.png`` (8-bit
@@ -46,14 +45,19 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import multiprocessing
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageFilter
+
+if TYPE_CHECKING:
+    from spade_core.metrics.oracle import OracleSegmenter
 
 # ---------------------------------------------------------------------------------------
 # Classes: real ADE20K ids (object150_info.csv), base colour, texture
@@ -103,7 +107,6 @@ STYLES: tuple[ClassStyle, ...] = (
 )
 CLASS_IDS: tuple[int, ...] = tuple(sorted(s.id for s in STYLES))
 STYLE_BY_ID: dict[int, ClassStyle] = {s.id: s for s in STYLES}
-NUM_CLASSES = 151  # ADE20K: 0 = unlabeled, 1..150
 
 MIN_SIZE = 32
 JPEG_QUALITY = 95
@@ -329,239 +332,43 @@ def _fit_variant(image: np.ndarray, variant: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------
-# Metric
+# Oracle segmenter: spade_core.metrics.oracle's algorithm, fitted on these scenes
+
+ORACLE_FIT_SCENES = 30
+ORACLE_FIT_SIZE = 128
+ORACLE_FIT_SEED = 1234
 
 
-def confusion_matrix(pred: Any, target: Any, num_classes: int = NUM_CLASSES, ignore_index: int | None = 0) -> np.ndarray:
-    """(num_classes, num_classes) int64 counts, rows = target, columns = prediction."""
-    p = _as_numpy(pred).astype(np.int64).ravel()
-    t = _as_numpy(target).astype(np.int64).ravel()
-    if p.shape != t.shape:
-        raise ValueError(f"pred and target differ in size: {p.size} vs {t.size}")
-    keep = (t >= 0) & (t < num_classes)
-    if ignore_index is not None:
-        keep &= t != ignore_index
-    p, t = p[keep], t[keep]
-    p = np.where((p >= 0) & (p < num_classes), p, 0 if ignore_index is None else ignore_index)
-    return np.bincount(t * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+def fitting_scenes(
+    n: int = ORACLE_FIT_SCENES, size: int = ORACLE_FIT_SIZE, seed: int = ORACLE_FIT_SEED
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The oracle's fitting examples: (image as a reader sees it, label) of ``n`` generated scenes."""
+    for i in range(n):
+        image, label = generate_scene(np.random.default_rng([seed, i]), size)
+        yield _fit_variant(image, i % 3), label
 
 
-def iou_per_class(conf: np.ndarray, ignore_index: int | None = 0) -> dict[int, float]:
-    """IoU of every class with a non-empty union (target or prediction), except ignore_index."""
-    tp = np.diag(conf).astype(np.float64)
-    union = conf.sum(0) + conf.sum(1) - tp
-    return {c: float(tp[c] / union[c]) for c in range(len(conf)) if union[c] > 0 and c != ignore_index}
+def fit_oracle(
+    *, fit_scenes: int = ORACLE_FIT_SCENES, fit_size: int = ORACLE_FIT_SIZE, seed: int = ORACLE_FIT_SEED, **settings: Any
+) -> OracleSegmenter:
+    """An oracle fitted on generated scenes, deterministically (~1 s).
 
-
-def mean_iou(pred: Any, target: Any, num_classes: int = NUM_CLASSES, ignore_index: int | None = 0) -> float:
-    """Standard mIoU from one confusion matrix over all given pixels (arrays of any equal shape).
-
-    Pixels whose target is ``ignore_index`` are left out; a prediction of ``ignore_index`` on
-    a labelled pixel counts as a miss. The mean runs over the classes present in target or
-    prediction (a class only predicted scores 0). numpy arrays or torch tensors.
+    ``settings``: :class:`~spade_core.metrics.oracle.OracleSegmenter`'s ``window``,
+    ``pixel_weight``, ``min_support``, ``smooth``.
     """
-    ious = iou_per_class(confusion_matrix(pred, target, num_classes, ignore_index), ignore_index)
-    if not ious:
-        raise ValueError("no labelled pixels to score")
-    return float(np.mean(list(ious.values())))
+    from spade_core.metrics.oracle import OracleSegmenter  # imports torch: only when asked
 
-
-# ---------------------------------------------------------------------------------------
-# Oracle segmenter
-
-
-def _as_numpy(x: Any) -> np.ndarray:
-    if isinstance(x, np.ndarray):
-        return x
-    try:
-        import torch
-
-        if isinstance(x, torch.Tensor):
-            x = x.detach().cpu()
-            if x.is_floating_point() and x.dtype not in (torch.float32, torch.float64):
-                x = x.float()  # bfloat16 / float16 generator outputs
-            return x.numpy()
-    except ImportError:  # pragma: no cover
-        pass
-    return np.asarray(x)
-
-
-def as_uint8_image(image: Any) -> np.ndarray:
-    """Normalise the oracle's input to uint8 RGB ``H x W x 3`` (or ``B x H x W x 3``).
-
-    numpy: uint8, or float in [-1, 1], channels last. torch: ``3 x H x W`` or
-    ``B x 3 x H x W`` (channels first, as the networks use), float in [-1, 1] or uint8.
-    """
-    is_torch = not isinstance(image, np.ndarray) and type(image).__module__.startswith("torch")
-    a = _as_numpy(image)
-    if is_torch:
-        if a.ndim not in (3, 4) or a.shape[-3] != 3:
-            raise ValueError(f"torch images must be (3, H, W) or (B, 3, H, W), got {tuple(a.shape)}")
-        a = np.moveaxis(a, -3, -1)
-    if a.ndim not in (3, 4) or a.shape[-1] != 3:
-        raise ValueError(f"images must be (H, W, 3) or (B, H, W, 3) RGB, got {tuple(a.shape)}")
-    if a.dtype == np.uint8:
-        return a
-    if np.issubdtype(a.dtype, np.floating):
-        return np.clip(np.rint((a.astype(np.float32) + 1) * 127.5), 0, 255).astype(np.uint8)
-    raise ValueError(f"images must be uint8 or float in [-1, 1], got dtype {a.dtype}")
-
-
-def _box_valid(a: np.ndarray, kh: int, kw: int) -> np.ndarray:
-    """Sums over every kh x kw window fully inside a (H, W, C): (H-kh+1, W-kw+1, C)."""
-    c = np.zeros((a.shape[0] + 1, a.shape[1] + 1) + a.shape[2:], dtype=np.float64)
-    c[1:, 1:] = a.cumsum(0).cumsum(1)
-    return c[kh:, kw:] - c[:-kh, kw:] - c[kh:, :-kw] + c[:-kh, :-kw]
-
-
-LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float64)
-
-
-def window_features(image: np.ndarray, k: int) -> np.ndarray:
-    """Per k x k window (indexed by its top-left pixel): mean R, G, B, mean |dx| and |dy| of luminance.
-
-    Shape (H-k+1, W-k+1, 5).
-    """
-    img = image.astype(np.float64)
-    lum = img @ LUMA
-    dx = np.abs(np.diff(lum, axis=1))[..., None]
-    dy = np.abs(np.diff(lum, axis=0))[..., None]
-    area = k * k
-    mean = _box_valid(img, k, k) / area
-    gx = _box_valid(dx, k, k - 1) / (k * (k - 1))
-    gy = _box_valid(dy, k - 1, k) / (k * (k - 1))
-    return np.concatenate([mean, gx, gy], axis=-1)
-
-
-class OracleSegmenter:
-    """Labels generated scenes by class appearance (see the module docstring).
-
-    ``OracleSegmenter()(image)`` -> int64 ``H x W`` ADE20K ids (``B x H x W`` for a batch).
-
-    Score of class c at pixel p: ``min`` over the ``window x window`` windows containing p
-    of the window's squared standardised distance to c's window prototype (mean colour and
-    directional texture energy, pooled scale), plus ``pixel_weight`` times the Gaussian
-    negative log-likelihood (x2) of p's own colour under c's pixel colour distribution.
-    The lowest score wins; ``smooth > 1`` adds a majority filter of that size.
-    """
-
-    def __init__(
-        self,
-        window: int = 3,
-        pixel_weight: float = 3.0,
-        min_support: int = 3,
-        smooth: int = 1,
-        fit_scenes: int = 30,
-        fit_size: int = 128,
-        seed: int = 1234,
-    ) -> None:
-        if window < 2:
-            raise ValueError(f"window must be >= 2, got {window}")
-        self.window = window
-        self.pixel_weight = pixel_weight
-        self.min_support = min_support
-        self.smooth = smooth
-        self.ids = np.array(CLASS_IDS, dtype=np.int64)
-        self._fit(fit_scenes, fit_size, seed)
-
-    def _fit(self, n: int, size: int, seed: int) -> None:
-        """Prototypes from ``n`` generated scenes after a JPEG round trip (deterministic)."""
-        k = self.window
-        feats: list[list[np.ndarray]] = [[] for _ in self.ids]
-        pixels: list[list[np.ndarray]] = [[] for _ in self.ids]
-        for i in range(n):
-            image, label = generate_scene(np.random.default_rng([seed, i]), size)
-            image = _fit_variant(image, i % 3)
-            f = window_features(image, k)
-            for j, cls in enumerate(self.ids):
-                mask = label == cls
-                pure = _box_valid(mask.astype(np.float64)[..., None], k, k)[..., 0] == k * k
-                if pure.any():
-                    feats[j].append(f[pure])
-                    pixels[j].append(image[mask].astype(np.float64))
-        missing = [int(c) for j, c in enumerate(self.ids) if not feats[j]]
-        if missing:
-            raise RuntimeError(f"classes {missing} never appeared in the oracle's fitting scenes")
-        xs = [np.concatenate(f) for f in feats]
-        self.means = np.stack([x.mean(0) for x in xs])
-        # within-class variance pooled with equal class weights
-        self.scale = np.sqrt(np.mean([((x - m) ** 2).mean(0) for x, m in zip(xs, self.means)], axis=0))
-        ps = [np.concatenate(p) for p in pixels]
-        self.pixel_mean = np.stack([p.mean(0) for p in ps])
-        self.pixel_std = np.stack([p.std(0) for p in ps]) + 1.0
-
-    def window_scores(self, feats: np.ndarray) -> np.ndarray:
-        """Squared standardised distance of windows to every class prototype: (..., n_classes)."""
-        z = feats / self.scale
-        mu = self.means / self.scale
-        return np.maximum((z * z).sum(-1, keepdims=True) - 2 * z @ mu.T + (mu * mu).sum(-1), 0.0)
-
-    def pixel_scores(self, image: np.ndarray) -> np.ndarray:
-        """2 x Gaussian NLL (up to a constant) of each pixel's colour per class: (H, W, n_classes)."""
-        x = image.astype(np.float64)
-        inv = 1.0 / self.pixel_std**2  # (n_classes, 3)
-        const = (self.pixel_mean**2 * inv).sum(-1) + 2 * np.log(self.pixel_std).sum(-1)
-        return (x * x) @ inv.T - 2 * x @ (self.pixel_mean * inv).T + const
-
-    def class_scores(self, image: np.ndarray) -> np.ndarray:
-        """Per-pixel score of every class (lower is better): (H, W, n_classes), classes as ``self.ids``."""
-        h, w, _ = image.shape
-        k = min(self.window, h, w)
-        d = self.window_scores(window_features(image, k))
-        c = d.shape[-1]
-        padded = np.full((h + k - 1, w + k - 1, c), np.inf)
-        padded[k - 1 : k - 1 + d.shape[0], k - 1 : k - 1 + d.shape[1]] = d
-        best = np.full((h, w, c), np.inf)
-        for oy in range(k):  # the best of the windows containing each pixel, per class
-            for ox in range(k):
-                np.minimum(best, padded[oy : oy + h, ox : ox + w], out=best)
-        if self.pixel_weight:
-            best += self.pixel_weight * self.pixel_scores(image)
-        return best
-
-    def segment_one(self, image: np.ndarray) -> np.ndarray:
-        if image.shape[0] < 2 or image.shape[1] < 2:
-            raise ValueError(f"image too small to segment: {image.shape}")
-        scores = self.class_scores(image)
-        idx = scores.argmin(-1)
-        if self.min_support > 1:
-            # a class taken by fewer than min_support pixels of a 3 x 3 neighbourhood is dropped
-            # there in favour of the best supported one (removes 1-px slivers along edges)
-            support = self._neighbour_counts(idx, 1)
-            supported = np.where(support >= self.min_support, scores, np.inf)
-            alt = supported.argmin(-1)
-            idx = np.where(np.isfinite(supported.min(-1)), alt, idx)
-        if self.smooth > 1:
-            idx = self._majority(idx, self.smooth)
-        return self.ids[idx]
-
-    def _neighbour_counts(self, idx: np.ndarray, r: int) -> np.ndarray:
-        """For every pixel and class: how many pixels of its (2r+1)^2 neighbourhood have that class."""
-        onehot = np.zeros(idx.shape + (len(self.ids),), dtype=np.float64)
-        np.put_along_axis(onehot, idx[..., None], 1.0, -1)
-        return _box_valid(np.pad(onehot, ((r, r), (r, r), (0, 0))), 2 * r + 1, 2 * r + 1)
-
-    def _majority(self, idx: np.ndarray, s: int) -> np.ndarray:
-        counts = self._neighbour_counts(idx, s // 2)
-        own = np.take_along_axis(counts, idx[..., None], -1)[..., 0]
-        best = counts.argmax(-1)
-        return np.where(np.take_along_axis(counts, best[..., None], -1)[..., 0] > own, best, idx)  # ties keep own
-
-    def __call__(self, image: Any) -> np.ndarray:
-        img = as_uint8_image(image)
-        if img.ndim == 4:
-            return np.stack([self.segment_one(x) for x in img])
-        return self.segment_one(img)
+    return OracleSegmenter.fit(fitting_scenes(fit_scenes, fit_size, seed), CLASS_IDS, **settings)
 
 
 @lru_cache(maxsize=1)
 def default_oracle() -> OracleSegmenter:
     """The oracle with default settings, fitted once per process (deterministic)."""
-    return OracleSegmenter()
+    return fit_oracle()
 
 
 def segment(image: Any) -> np.ndarray:
-    """ADE20K ids (int64, ``H x W`` or ``B x H x W``) of a generated image; inputs as :func:`as_uint8_image`."""
+    """ADE20K ids (int64, ``H x W`` or ``B x H x W``) of a generated image; inputs as the module docstring says."""
     return default_oracle()(image)
 
 
@@ -620,6 +427,7 @@ def write_dataset(
     *,
     val_n: int | None = None,
     overwrite: bool = False,
+    workers: int = 1,
 ) -> dict[str, int]:
     """Write generated scenes under ``out/ADEChallengeData2016``; returns {split: count}.
 
@@ -627,7 +435,8 @@ def write_dataset(
     validation scenes, default ``max(1, n // 10)``). A split whose folders already hold
     files is only rewritten when its manifest (``synthetic.json``) records the same
     parameters, or with ``overwrite`` (which first deletes that split's ``ADE_*`` files);
-    otherwise FileExistsError, before anything is written.
+    otherwise FileExistsError, before anything is written. ``workers`` > 1 draws and encodes
+    scenes in that many processes (the files are the same).
     """
     plan = _plan(split, n, val_n)
     for name, count in plan.items():
@@ -664,15 +473,27 @@ def write_dataset(
             d.mkdir(parents=True, exist_ok=True)
         if manifest.pop(name, None) is not None:  # an interrupted write must leave no claim behind
             _write_manifest(out, manifest)
-        for i in range(1, count + 1):
-            image, label = generate_scene(scene_rng(seed, name, i), size)
-            stem = f"{PREFIX[name]}_{i:08d}"
-            Image.fromarray(image).save(img_dir / f"{stem}.jpg", quality=JPEG_QUALITY, subsampling=0)
-            Image.fromarray(label).save(ann_dir / f"{stem}.png")
+        jobs = [(seed, name, i, size, img_dir, ann_dir) for i in range(1, count + 1)]
+        if workers > 1 and count > 1:
+            # spawn, not fork: callers may hold threads (Ray, torch) that a forked child would inherit mid-lock
+            with multiprocessing.get_context("spawn").Pool(min(workers, count)) as pool:
+                for _ in pool.imap_unordered(_write_scene, jobs, chunksize=max(1, count // (4 * workers))):
+                    pass
+        else:
+            for job in jobs:
+                _write_scene(job)
         manifest[name] = params[name]
         manifest["classes"] = {str(k): v for k, v in class_names().items()}
         _write_manifest(out, manifest)
     return plan
+
+
+def _write_scene(job: tuple[int, str, int, int, Path, Path]) -> None:
+    seed, split, i, size, img_dir, ann_dir = job
+    image, label = generate_scene(scene_rng(seed, split, i), size)
+    stem = f"{PREFIX[split]}_{i:08d}"
+    Image.fromarray(image).save(img_dir / f"{stem}.jpg", quality=JPEG_QUALITY, subsampling=0)
+    Image.fromarray(label).save(ann_dir / f"{stem}.png")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -687,6 +508,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["training", "validation", "both"], default="training")
     p.add_argument("--val-n", type=int, default=None, help="validation scenes with --split both (default: max(1, n // 10))")
     p.add_argument("--overwrite", action="store_true", help="replace an existing split written with other parameters")
+    p.add_argument("--workers", type=int, default=1, help="processes drawing scenes (default 1)")
     return p
 
 
@@ -705,7 +527,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--val-n only applies with --split both")
         if args.val_n is not None and args.val_n < 1:
             raise ValueError(f"--val-n must be >= 1, got {args.val_n}")
-        written = write_dataset(args.out, args.n, args.size, args.seed, args.split, val_n=args.val_n, overwrite=args.overwrite)
+        if args.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {args.workers}")
+        written = write_dataset(
+            args.out, args.n, args.size, args.seed, args.split, val_n=args.val_n, overwrite=args.overwrite, workers=args.workers
+        )
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
