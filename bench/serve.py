@@ -16,6 +16,7 @@ does not depend on them); the ADE20K architecture is the paper's (ngf 64, 256x25
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import socket
@@ -24,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -52,11 +54,14 @@ def scene(seed: int, size: int = 256) -> np.ndarray:
 
 
 def raw_throughput(model: spade_core.SpadeModel, batch: int, seconds: float) -> float:
+    """Images/s of the batched model as a replica runs it: synthesis, then uint8 on the host."""
+    from serve_app.deployments import to_uint8
+
     labels = torch.from_numpy(np.stack([scene(i) for i in range(batch)]).astype(np.int64))
-    model.synthesize(labels)  # warm-up
+    to_uint8(model.synthesize(labels))  # warm-up; the host copy also waits for a GPU to finish
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        model.synthesize(labels)
+        to_uint8(model.synthesize(labels))
         n += batch
     return n / (time.perf_counter() - start)
 
@@ -127,6 +132,29 @@ def main() -> None:
     del model
 
     import ray
+
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    # the replica's torch gets every core, as the raw run did; Ray sets its threads from num_cpus
+    with served_app(config, precision=args.precision, batch=args.batch, generator={"num_cpus": cpus}) as url:
+        closed_loop(url, 1, min(5.0, args.seconds))  # warm-up
+        print(f"{'clients':>7} {'img/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'batch':>6} {'served/raw':>10}")
+        for n in [int(c) for c in args.clients.split(",")]:
+            rate, lat, batches = closed_loop(url, n, args.seconds)
+            mean_batch = statistics.fmean(batches) if batches else 0.0
+            print(f"{n:>7} {rate:>7.2f} {percentile(lat, 50) * 1e3:>8.0f} {percentile(lat, 99) * 1e3:>8.0f} "
+                  f"{mean_batch:>6.1f} {rate / raw:>10.2f}", flush=True)
+    ray.shutdown()
+
+
+@contextlib.contextmanager
+def served_app(
+    config: ModelConfig, *, precision: str, batch: int, generator: dict, ingress_replicas: int = 1
+) -> Iterator[str]:
+    """serve_app on a fresh checkpoint of ``config`` in the running Ray; yields the synthesis URL.
+
+    ``generator``: the generator deployment's resources (``num_cpus``, ``num_gpus``). The
+    ingress takes no CPU reservation, so that it never starves the model of one.
+    """
     from ray import serve
 
     from serve_app.app import build_app
@@ -136,25 +164,18 @@ def main() -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": port})
+        replicas = {"min_replicas": ingress_replicas, "max_replicas": ingress_replicas}
         serve.run(build_app({
-            "checkpoint": str(Path(tmp) / "ckpt"), "precision": args.precision,
-            "batching": {"max_batch_size": args.batch, "batch_wait_timeout_s": 0.05},
-            # the replica's torch gets every core, as the raw run did; Ray sets its threads from num_cpus
-            "generator": {"num_cpus": cpus, "max_ongoing_requests": 2 * args.batch, "max_queued_requests": -1},
-            "ingress": {"num_cpus": 0, "max_ongoing_requests": 512, "max_queued_requests": -1},
+            "checkpoint": str(Path(tmp) / "ckpt"), "precision": precision,
+            "batching": {"max_batch_size": batch, "batch_wait_timeout_s": 0.05},
+            "generator": {**generator, "max_ongoing_requests": 2 * batch, "max_queued_requests": -1},
+            "ingress": {"num_cpus": 0, "max_ongoing_requests": 512, "max_queued_requests": -1, "autoscaling": replicas},
         }), name="bench", route_prefix="/")
-        url = f"http://127.0.0.1:{port}/v1/synthesize"
-        closed_loop(url, 1, min(5.0, args.seconds))  # warm-up
-        print(f"{'clients':>7} {'img/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'batch':>6} {'served/raw':>10}")
-        for n in [int(c) for c in args.clients.split(",")]:
-            rate, lat, batches = closed_loop(url, n, args.seconds)
-            mean_batch = statistics.fmean(batches) if batches else 0.0
-            print(f"{n:>7} {rate:>7.2f} {percentile(lat, 50) * 1e3:>8.0f} {percentile(lat, 99) * 1e3:>8.0f} "
-                  f"{mean_batch:>6.1f} {rate / raw:>10.2f}", flush=True)
-        serve.shutdown()
-        ray.shutdown()
+        try:
+            yield f"http://127.0.0.1:{port}/v1/synthesize"
+        finally:
+            serve.shutdown()
 
 
 if __name__ == "__main__":

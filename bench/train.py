@@ -130,7 +130,7 @@ class Trainer:
 
     def step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         image = batch["image"].contiguous(memory_format=torch.channels_last) if self.fast else batch["image"]
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16)
+        autocast = torch.autocast(image.device.type, dtype=torch.bfloat16, enabled=self.bf16)
         with autocast:
             sem = semantics_of(batch, self.model.config.labels, as_label_map=self.fast)
             g_terms, fake = generator_losses(self.nets, sem, image, loss=self.loss, vgg=self.vgg)

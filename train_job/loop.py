@@ -74,6 +74,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     distributed = world > 1 and torch.distributed.is_initialized()
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed crop sizes: autotuned conv algorithms pay after the first step
 
     model = build_training_model(cfg, device=device, sync_batchnorm=distributed and cfg.scaling.sync_batchnorm)
     ema = EMA(model.generator, cfg.optim.ema_decay) if cfg.optim.ema_decay is not None else None
@@ -160,6 +162,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if log is not None and state.step % cfg.logging.every_steps == 0:
                 record = {"step": state.step, "epoch": epoch, **terms, "images_per_s": rate, "step_s": step_s,
                           "data_wait_s": data_wait, "lr_g": lr_g, "lr_d": lr_d, "workers": world, "time": time.time()}
+                if device.type == "cuda":
+                    record["gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30  # peak since start
                 log.record(record, images=cfg.data.batch_size * cfg.logging.every_steps, step_seconds=step_s, data_wait=data_wait)
                 log.print_line(record)
                 throughput.reset()
@@ -208,7 +212,7 @@ def _iteration(
     """The reference's iteration: a generator step (every d_steps_per_g-th), then a discriminator step."""
     real = batch["image"]
     semantics = semantics_of(batch, cfg.model.labels, as_label_map=cfg.optim.fast_path)
-    terms: dict[str, float] = {}
+    terms: dict[str, torch.Tensor] = {}
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     if step % cfg.optim.d_steps_per_g == 0:
         opt = optimizers["generator"]
@@ -218,14 +222,16 @@ def _iteration(
         _backward_step(sum(g_terms.values()), opt, scaler, cfg.optim.grad_clip)
         if ema is not None:
             ema.update(model.generator)
-        terms.update({k: float(v.detach()) for k, v in g_terms.items()})
+        terms.update(g_terms)
     opt = optimizers["discriminator"]
     opt.zero_grad(set_to_none=True)
     with autocast:
         d_terms = discriminator_losses(nets, semantics, real, loss=cfg.loss)
     _backward_step(sum(d_terms.values()), opt, scaler, cfg.optim.grad_clip)
-    terms.update({k: float(v.detach()) for k, v in d_terms.items()})
-    return terms
+    terms.update(d_terms)
+    # one device-to-host copy for all terms: on a GPU each float() would be a sync of its own
+    values = torch.stack([v.detach().float() for v in terms.values()]).tolist()
+    return dict(zip(terms, values))
 
 
 def _backward_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, clip: float | None) -> None:
@@ -282,7 +288,9 @@ def _sample_grid(path: Path, model: spade_core.SpadeModel, ema: EMA | None, batc
 def _broadcast_flag(flag: bool, distributed: bool) -> bool:
     if not distributed:
         return flag
-    t = torch.tensor([int(flag)])
+    # NCCL moves only CUDA tensors; gloo takes either
+    on = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([int(flag)], device=on)
     torch.distributed.broadcast(t, src=0)
     return bool(t.item())
 
