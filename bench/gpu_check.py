@@ -26,6 +26,8 @@ Stages:
   5 serving       spade-serve with one GPU generator replica, bench/serve.py's closed loop at
                   1/16/64 clients: served / raw batched model, p50 / p99
   6 VAE           style encoding and style-guided synthesis at batch 16: accuracy and speed
+  7 profiles      torch.profiler's top kernels of one inference batch / training iteration
+                  whose goal was missed (both in the smoke run)
 
 Goals are measured and reported, never turned into failures: inference bf16 batch 32 >= 30% of
 the measured bf16 matmul peak; fast path >= 5x plain fp32 at batch 1; training bf16 >= 3x plain
@@ -115,7 +117,7 @@ GPU = Sizes(
     serve_seconds=10.0, vae_batch=16, peak_size=8192, sync_channels=64,
 )
 SMOKE = Sizes(
-    preset="tiny.yaml", check_batch=2, train_batches=(2,), train_steps=3, warmup_steps=1, plain_batch=2, plain_steps=3,
+    preset="tiny.yaml", check_batch=2, train_batches=(2,), train_steps=3, warmup_steps=1, plain_batch=2, plain_steps=0,
     scenes=12, scene_size=64, infer_batches=(1, 2), infer_ms=20.0, graph_batches=(), compile_variants=(), serve_batch=2,
     serve_clients=(1, 2), serve_seconds=1.5, vae_batch=2, peak_size=256, sync_channels=8, warmup=1, reps=2,
 )
@@ -304,6 +306,11 @@ def stage_correctness(run: Run) -> None:
     with tf32(False), torch.inference_mode():
         for precision in DTYPES:
             for path in ("plain", "fast"):
+                if run.smoke and path == "plain" and precision != "fp32" and not cpu_has_bf16():
+                    # autocast convs without bf16/fp16 hardware take the slow reference kernels: the
+                    # fast path's low-precision checks below keep the smoke run's coverage of dtypes
+                    run.note(stage, f"smoke on a CPU without bf16 hardware: generator plain {precision} not checked")
+                    continue
                 labels = random_labels(config, run.sizes.check_batch, next(seed))
                 channels = label_channels(labels, labels_cfg)
                 ref = cpu.generator(one_hot(channels, labels_cfg.num_label_channels))
@@ -359,7 +366,10 @@ def cpu_floor(run: Run, precision: str, compute: Callable[[], torch.Tensor], ref
 
 def cpu_has_bf16() -> bool:
     """bf16 convolutions in hardware (AVX512-BF16 / AMX); elsewhere bf16 runs a slow fallback."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN
+        return False
 
 
 def gradient_checks(run: Run, stage: str, config: ModelConfig, *, seed: int) -> None:
@@ -498,6 +508,15 @@ def _rank_worker(rank: int, world: int, port: int, device: str, channels: int, b
         x = x[rank * per : (rank + 1) * per].clone().requires_grad_(True)
         target = target[rank * per : (rank + 1) * per]
         synced = convert_sync_batchnorm(net)
+        path = "torch's CUDA sync computation" if dev.type == "cuda" else "the all-reduce computation"
+        if dev.type == "cuda" and not _gathers_on_device(dev):
+            # torch's CUDA computation all-gathers the statistics, which gloo may refuse for
+            # CUDA tensors (torch's backend table); the all-reduce path is also ours to check
+            from spade_core.norms import _cpu_sync_batch_norm
+
+            layer = synced[1]
+            layer.forward = lambda t: _cpu_sync_batch_norm(layer, t)  # type: ignore[method-assign]
+            path = "the all-reduce computation on CUDA tensors (gloo refused all_gather of CUDA tensors)"
         ddp = torch.nn.parallel.DistributedDataParallel(synced, device_ids=[dev.index] if dev.type == "cuda" else None)
         out = ddp(x)
         (out * target).sum().backward()
@@ -506,20 +525,35 @@ def _rank_worker(rank: int, world: int, port: int, device: str, channels: int, b
              # DDP averages gradients over ranks; the 1-rank reference sums over the whole batch
              "weight_grads": [p.grad.cpu() * world for p in synced.parameters()],
              "running_mean": synced[1].running_mean.cpu(), "running_var": synced[1].running_var.cpu(),
-             "layer": type(synced[1]).__name__},
+             "layer": f"{type(synced[1]).__name__} through {path}"},
             Path(out_dir) / f"rank{rank}.pt",
         )
     finally:
         torch.distributed.destroy_process_group()
 
 
+def without_ray(run: Run, stage: str, ray: Any | None, *, part: str = "") -> bool:
+    if ray is None:
+        run.note(stage, f"{part}skipped: Ray is not importable here (see the offline bundle)")
+    return ray is None
+
+
+def _gathers_on_device(device: torch.device) -> bool:
+    """Whether the process group all-gathers tensors on ``device`` (every rank asks; each gets the same answer)."""
+    probe = torch.ones(1, device=device)
+    try:
+        gathered = [torch.zeros_like(probe) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(gathered, probe)
+        return True
+    except RuntimeError:
+        return False
+
+
 def stage_sync_batchnorm(run: Run, ray: Any | None) -> None:
     stage = "2 sync BN"
     print(f"\n== {stage} ==", flush=True)
     channels = run.sizes.sync_channels
-    if ray is None:
-        run.note(stage, "2a skipped: Ray is not importable here (see the offline bundle)")
-    else:
+    if not without_ray(run, stage, ray, part="2a "):
         import ray.train
         from ray.train.torch import TorchTrainer
 
@@ -644,8 +678,7 @@ def train_once(run: Run, shards: Path, vgg_file: Path, *, batch: int, precision:
 def stage_training(run: Run, ray: Any | None) -> None:
     stage = "3 training"
     print(f"\n== {stage} ==", flush=True)
-    if ray is None:
-        run.note(stage, "skipped: Ray is not importable here (see the offline bundle)")
+    if without_ray(run, stage, ray):
         return
     from spade_core.losses import VGG19Features
 
@@ -659,7 +692,10 @@ def stage_training(run: Run, ray: Any | None) -> None:
     shards = write_shards(run)
     fast = low_precision(run)
     plans = [(b, fast, True, run.sizes.train_steps) for b in run.sizes.train_batches]
-    plans.insert(1 if len(plans) > 1 else 0, (run.sizes.plain_batch, "fp32", False, run.sizes.plain_steps))
+    if run.sizes.plain_steps:
+        plans.insert(1 if len(plans) > 1 else 0, (run.sizes.plain_batch, "fp32", False, run.sizes.plain_steps))
+    else:  # the smoke run: the same command with the fast path off adds a minute, not coverage
+        run.note(stage, "plain fp32 run not made (plain_steps 0)")
     for batch, precision, optimised, steps in plans:
         if run.left() < 45 and run.stage(stage)["rows"]:
             run.note(stage, f"b{batch} {precision} skipped: {run.left():.0f} s of the budget left")
@@ -838,8 +874,7 @@ def inference_goals(run: Run) -> None:
 def stage_serving(run: Run, ray: Any | None) -> None:
     stage = "5 serving"
     print(f"\n== {stage} ==", flush=True)
-    if ray is None:
-        run.note(stage, "skipped: Ray is not importable here (see the offline bundle)")
+    if without_ray(run, stage, ray):
         return
     from serve import closed_loop, percentile, raw_throughput, served_app  # bench/serve.py
 
@@ -905,6 +940,79 @@ def stage_vae(run: Run) -> None:
         ms = time_ms(run, fn)
         run.row(stage, what=name, batch=batch, ms=ms, images_per_s=batch / (ms / 1e3))
         print(f"  {name}: {ms:.1f} ms, {batch / (ms / 1e3):.1f} img/s", flush=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Profiles: where the time goes, for the goals that were missed
+
+
+def kernel_table(prof: Any, *, device: bool, rows: int = 12) -> list[dict[str, Any]]:
+    """The ``rows`` operators / kernels with the most self time (device time on a GPU)."""
+    events = [e for e in prof.key_averages() if e.key]
+    key = (lambda e: e.self_device_time_total) if device else (lambda e: e.self_cpu_time_total)
+    total = sum(key(e) for e in events) or 1.0
+    top = sorted(events, key=key, reverse=True)[:rows]
+    return [{"name": e.key[:90], "self_ms": key(e) / 1e3, "share": key(e) / total, "calls": e.count} for e in top]
+
+
+def stage_profiles(run: Run) -> None:
+    """torch.profiler tables of one inference batch and one training iteration (bf16, fast path)
+    when their goals were missed, so that the next change starts from the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    stage = "7 profiles"
+    missed = {g["goal"].split(" ")[0] for g in run.goals if not g["met"]}
+    if run.smoke:
+        missed |= {"inference", "training"}  # the smoke run exercises both tables
+    if not missed & {"inference", "fast", "training"}:
+        run.note(stage, "every inference and training goal met: no profiles taken")
+        return
+    if run.left() < 30:
+        run.note(stage, f"skipped: {run.left():.0f} s of the budget left")
+        return
+    print(f"\n== {stage} ==", flush=True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if run.cuda else [])
+    config = preset_model(run)
+    precision = low_precision(run)
+    if missed & {"inference", "fast"}:
+        model = trained_like(config, discriminator=False).to(run.device)
+        fast = FastGenerator(model.generator, label_config=config.labels, dtype=DTYPES[precision])
+        batch = 32 if run.cuda else 2
+        channels = label_channels(random_labels(config, batch, 77), config.labels).to(run.device)
+        fast(channels)
+        synchronize(run.device)
+        with profile(activities=activities) as prof:
+            for _ in range(3):
+                fast(channels)
+            synchronize(run.device)
+        table = kernel_table(prof, device=run.cuda)
+        run.stage(stage)[f"inference {precision} b{batch}"] = table
+        print_kernels(f"inference, fast {precision}, batch {batch} (3 calls)", table)
+        del model, fast
+    if "training" in missed:
+        from train import Trainer, sample_batch  # bench/train.py: the step it times
+
+        from spade_core.losses import VGG19Features, VGGLoss
+
+        batch = 16 if run.cuda else 2
+        base = spade_core.build_model(config, seed=0).to(run.device)
+        trainer = Trainer.build(base, VGGLoss(VGG19Features().to(run.device)), LossConfig(vgg_weights="random"),
+                                fast=True, bf16=precision == "bf16")
+        data = {k: v.to(run.device) for k, v in sample_batch(config, batch).items()}
+        trainer.step(data)
+        synchronize(run.device)
+        with profile(activities=activities) as prof:
+            trainer.step(data)
+            synchronize(run.device)
+        table = kernel_table(prof, device=run.cuda)
+        run.stage(stage)[f"training {precision} b{batch}"] = table
+        print_kernels(f"training iteration, fast {precision} + VGG, batch {batch}", table)
+
+
+def print_kernels(title: str, table: list[dict[str, Any]]) -> None:
+    print(f"  {title}: top {len(table)} by self time")
+    for row in table:
+        print(f"    {100 * row['share']:5.1f}%  {row['self_ms']:9.2f} ms  {row['calls']:6d}x  {row['name']}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1020,6 +1128,13 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.empty_cache()
         if "4" in stages:
             inference_goals(run)
+        if stages & {"3", "4"}:
+            t0 = run.clock = time.perf_counter()
+            try:
+                stage_profiles(run)
+            except Exception as exc:  # a profile that fails is reported, not a correctness failure
+                run.note("7 profiles", f"profiling failed: {type(exc).__name__}: {exc}")
+            run.stage("7 profiles")["seconds"] = time.perf_counter() - t0
         if ray is not None:
             ray.shutdown()
         run.results["wall_s"] = time.monotonic() - started

@@ -84,7 +84,7 @@ def test_cpu_smoke_runs_every_stage_and_writes_the_results(tmp_path: Path) -> No
         assert checks[name]["ok"], checks[name]
     assert any(n.startswith("fast-path generator gradients vs float64") for n in checks)
     training = stages["3 training"]["rows"]
-    assert {r["path"] for r in training} == {"optimised", "plain"}
+    assert {r["path"] for r in training} == {"optimised"}  # the smoke run makes no plain fp32 run
     for row in training:
         assert row["images_per_s"] > 0 and 0 <= row["data_wait_share"] <= 1 and row["tflops"] > 0 and row["loss_terms_finite"]
     inference = {(r["variant"], r["precision"], r["batch"]) for r in stages["4 inference"]["rows"]}
@@ -94,6 +94,11 @@ def test_cpu_smoke_runs_every_stage_and_writes_the_results(tmp_path: Path) -> No
     assert [r["clients"] for r in serving] == list(gpu_check.SMOKE.serve_clients)
     assert all(r["requests"] > 0 for r in serving)
     assert {g["goal"].split(" ")[0] for g in results["goals"]} == {"training", "inference", "fast", "serving"}
+    assert any(g["goal"].startswith("training data wait") for g in results["goals"])
+    profiles = stages["7 profiles"]
+    for kind in ("inference", "training"):
+        table = next(v for k, v in profiles.items() if k.startswith(kind))
+        assert table and all(row["self_ms"] >= 0 and row["name"] for row in table)
     assert results["machine"]["smoke"] is True and results["failures"] == []
     tail = proc.stdout.strip().splitlines()
     assert tail[-2] == "correctness: all checks passed" and tail[-1] == f"results: {out}"
