@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import json
 import math
 import os
@@ -281,6 +282,13 @@ def random_images(config: ModelConfig, batch: int, seed: int) -> torch.Tensor:
 
 
 def trained_like(config: ModelConfig, *, discriminator: bool = True, seed: int = 1) -> spade_core.SpadeModel:
+    """A fresh copy of a model with trained-like random weights (built once per config: the
+    warm-up passes at the ADE20K size cost seconds on the host CPU)."""
+    return copy.deepcopy(_trained_like(config, discriminator, seed))
+
+
+@functools.lru_cache(maxsize=4)
+def _trained_like(config: ModelConfig, discriminator: bool, seed: int) -> spade_core.SpadeModel:
     return randomize_weights(spade_core.build_model(config, discriminator=discriminator, seed=seed), seed=seed + 1).eval()
 
 
@@ -356,20 +364,26 @@ def stage_correctness(run: Run) -> None:
 
 def cpu_floor(run: Run, precision: str, compute: Callable[[], torch.Tensor], ref: torch.Tensor) -> float | None:
     """The error of the same low-precision computation on the CPU (None for fp32, or where the CPU lacks the dtype)."""
-    if precision == "fp32" or (run.cuda and precision == "bf16" and not cpu_has_bf16()):
-        return None  # a full-size bf16 network on such a CPU would take minutes: the fixed tolerance alone
+    if precision == "fp32" or (run.cuda and not cpu_has(precision)):
+        return None  # a full-size network on a CPU without the dtype's hardware takes minutes: the fixed tolerance alone
     try:
         return relative_error(compute(), ref)
     except RuntimeError:  # e.g. an fp16 kernel this CPU build lacks
         return None
 
 
-def cpu_has_bf16() -> bool:
-    """bf16 convolutions in hardware (AVX512-BF16 / AMX); elsewhere bf16 runs a slow fallback."""
+def cpu_has(precision: str) -> bool:
+    """bf16 / fp16 convolutions in hardware (AVX512-BF16, AVX512-FP16, AMX); elsewhere a slow fallback runs."""
     try:
+        if precision == "fp16":
+            return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a torch build without oneDNN
         return False
+
+
+def cpu_has_bf16() -> bool:
+    return cpu_has("bf16")
 
 
 def gradient_checks(run: Run, stage: str, config: ModelConfig, *, seed: int) -> None:
