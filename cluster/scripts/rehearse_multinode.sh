@@ -8,7 +8,8 @@
 #   cluster/scripts/rehearse_multinode.sh          # from the repo root, after `pip install -e .`
 #
 # Environment: REHEARSAL_OUT (default out/rehearsal), REHEARSAL_STEPS (default 20),
-# REHEARSAL_GCS_PORT (6390), REHEARSAL_DASHBOARD_PORT (8265), REHEARSAL_METRICS_PORT (8081).
+# REHEARSAL_GCS_PORT (6390), REHEARSAL_DASHBOARD_PORT (8265), REHEARSAL_METRICS_PORT (8081),
+# REHEARSAL_AGENT_PORT (8266; the worker node's agent takes the next port).
 set -euo pipefail
 
 source "$(dirname "$0")/env.sh"
@@ -17,6 +18,9 @@ STEPS="${REHEARSAL_STEPS:-20}"
 GCS_PORT="${REHEARSAL_GCS_PORT:-6390}"
 DASHBOARD_PORT="${REHEARSAL_DASHBOARD_PORT:-8265}"
 METRICS_PORT="${REHEARSAL_METRICS_PORT:-8081}"
+# Every node's dashboard agent listens on 52365 unless told otherwise: two nodes on one host
+# (or another Ray on it) collide there, and a head whose agent failed to bind takes no job.
+AGENT_PORT="${REHEARSAL_AGENT_PORT:-8266}"
 OUT="$(absolute_dir "$OUT")"
 # A throwaway cluster on loopback: no token, so `ray job submit` needs none either.
 export RAY_AUTH_MODE=disabled
@@ -39,6 +43,7 @@ echo "== data: synthetic scenes -> shards in $OUT"
 echo "== head node 127.0.0.1:$GCS_PORT (dashboard :$DASHBOARD_PORT, metrics :$METRICS_PORT)"
 "$RAY" start --head --block --node-ip-address=127.0.0.1 --port="$GCS_PORT" --num-cpus=2 \
   --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" --metrics-export-port="$METRICS_PORT" \
+  --dashboard-agent-listen-port="$AGENT_PORT" \
   --disable-usage-stats > "$OUT/head.log" 2>&1 &
 PIDS+=($!)
 for _ in $(seq 1 60); do
@@ -49,6 +54,7 @@ done
 
 echo "== worker node (2 CPUs, resource node2)"
 "$RAY" start --block --address="127.0.0.1:$GCS_PORT" --node-ip-address=127.0.0.1 --num-cpus=2 \
+  --dashboard-agent-listen-port="$((AGENT_PORT + 1))" \
   --resources='{"node2": 1}' --disable-usage-stats > "$OUT/worker.log" 2>&1 &
 PIDS+=($!)
 for _ in $(seq 1 60); do
