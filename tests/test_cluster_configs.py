@@ -870,6 +870,7 @@ TRAIN_SERIES = {  # train_job/metrics.py, on the rank-0 worker
     "spade_train_learning_rate": GAUGE,
     "spade_train_epoch": GAUGE,
     "spade_train_workers": GAUGE,
+    "spade_train_eval": GAUGE,
 }
 SERVE_SERIES = {  # serve_app's ray.util.metrics, with Ray's ray_ prefix
     "ray_spade_serve_requests_total": COUNTER,

@@ -34,6 +34,9 @@ def build_trainer(cfg: TrainConfig, *, extra_loop_config: dict[str, Any] | None 
             f"instance maps {shards.labels.instance_edges}) but model.labels says label_nc {cfg.model.labels.label_nc}, "
             f"instance_edges {cfg.model.labels.instance_edges}"
         )
+    from .validation import check_eval_data
+
+    check_eval_data(cfg)  # eval.split in the manifest, with eval.num_images pairs (when eval is on)
     dataset = build_dataset(
         cfg.data.shards, split=cfg.data.split, preprocess=cfg.data.preprocess, train=True, seed=cfg.data.seed,
         decode_cpus=cfg.data.decode_cpus,

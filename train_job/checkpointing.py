@@ -7,12 +7,28 @@
     training/train_config.json   the run's TrainConfig, for reference
 
 state.pt holds only tensors and plain containers, so it loads with ``weights_only=True``.
+
+The best model by an evaluation metric (``checkpoint.best_by``), kept beside Ray's own
+``checkpoint_*`` folders in the run directory by :class:`BestCheckpoint`::
+
+    RUN_DIR/best/       spade_core's format (config.json, generator = EMA weights with EMA
+                        on, [encoder], discriminator): what serving loads; no training/ state;
+                        best/best.json: the record below as written with these weights
+    RUN_DIR/best.json   {"format_version": 1, "metric": "fid", "value": 23.4, "lower_is_better": true,
+                         "step": 4000, "epoch": 12, "checkpoint": "best", "eval": {every value of
+                         that evaluation}, "split": "val", "num_images": 500, "generator": "ema",
+                         "time": "2025-...Z"}
+                        "checkpoint" is relative to the folder holding best.json.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import shutil
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +38,16 @@ from torch import nn
 
 from spade_core.checkpoint import WEIGHT_FILES, SpadeModel, save_checkpoint
 
+from .config import LOWER_IS_BETTER
+
 STATE_FILE = "training/state.pt"
 RAW_GENERATOR = "training/generator.safetensors"
 CONFIG_COPY = "training/train_config.json"
+BEST_FILE = "best.json"
+BEST_DIR = "best"
+BEST_FORMAT_VERSION = 1
+_BEST_TMP = ".best.tmp-"  # + pid: the next copy being written
+_BEST_OLD = ".best.old"  # the previous copy, for the moment between the two renames
 
 
 @dataclass
@@ -100,3 +123,116 @@ def read_training_checkpoint(
 
 def _tensors(net: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()}
+
+
+class BestCheckpoint:
+    """Keeps ``RUN_DIR/best/`` and ``RUN_DIR/best.json``: the model that scored best by ``metric``.
+
+    Why a copy rather than a pointer at one of Ray's ``checkpoint_*`` folders: Ray Train deletes
+    all but the newest ``checkpoint.keep`` of those, and an evaluation need not fall on a
+    checkpoint step. So rank 0 writes the evaluated weights themselves, from memory, into the run
+    directory outside Ray's ``checkpoint_*`` names, where its retention never looks; training
+    checkpoints and their retention are untouched. The copy is written to a temporary folder,
+    then swapped in by two renames (best -> .best.old, tmp -> best), then best.json is replaced
+    atomically: a reader never sees a half-written best/ (between the two renames best/ is briefly
+    absent; a crash there is repaired at the next start). A resumed run reads best.json back, so
+    a worse evaluation after a restart never replaces a better model found before it.
+    """
+
+    def __init__(self, run_dir: Path, metric: str) -> None:
+        self.run_dir = run_dir
+        self.metric = metric
+        self.lower_is_better = LOWER_IS_BETTER[metric]
+        self.value: float | None = None
+        self.step: int | None = None
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._repair()
+        previous = read_best(run_dir)
+        if previous is not None and previous.get("metric") == metric and (run_dir / BEST_DIR).is_dir():
+            self.value, self.step = float(previous["value"]), int(previous["step"])
+        elif previous is not None:
+            print(f"note: {run_dir / BEST_FILE} chose by {previous.get('metric')}; this run chooses by {metric} "
+                  "and replaces it at its first evaluation", flush=True)
+
+    def better(self, value: float | None) -> bool:
+        """Strictly better than the best so far (None and NaN never are)."""
+        if value is None or not math.isfinite(value):
+            return False
+        if self.value is None:
+            return True
+        return value < self.value if self.lower_is_better else value > self.value
+
+    def offer(
+        self,
+        values: dict[str, float | None],
+        *,
+        step: int,
+        epoch: int,
+        model: SpadeModel,
+        ema_generator: nn.Module | None,
+        details: dict[str, Any] | None = None,
+    ) -> bool:
+        """Write the copy and best.json if ``values[metric]`` beats the best so far; True if it did."""
+        value = values.get(self.metric)
+        if not self.better(value):
+            return False
+        record = {
+            "format_version": BEST_FORMAT_VERSION,
+            "metric": self.metric,
+            "value": value,
+            "lower_is_better": self.lower_is_better,
+            "step": step,
+            "epoch": epoch,
+            "checkpoint": BEST_DIR,
+            "eval": values,
+            **(details or {}),
+            "generator": "ema" if ema_generator is not None else "raw",
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        text = json.dumps(record, indent=2) + "\n"
+        exported = SpadeModel(model.config, ema_generator if ema_generator is not None else model.generator,
+                              model.encoder, model.discriminator)
+        tmp = self.run_dir / f"{_BEST_TMP}{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_checkpoint(exported, tmp)
+        (tmp / BEST_FILE).write_text(text)  # travels with the weights: _repair rebuilds RUN_DIR/best.json from it
+        best, old = self.run_dir / BEST_DIR, self.run_dir / _BEST_OLD
+        shutil.rmtree(old, ignore_errors=True)
+        if best.exists():
+            os.replace(best, old)
+        os.replace(tmp, best)
+        shutil.rmtree(old, ignore_errors=True)
+        _atomic_text(self.run_dir / BEST_FILE, text)
+        self.value, self.step = float(value), step  # type: ignore[arg-type]
+        return True
+
+    def _repair(self) -> None:
+        """Clear what an interrupted write left: a temporary copy, or the old copy mid-swap."""
+        for leftover in self.run_dir.glob(f"{_BEST_TMP}*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        best, old = self.run_dir / BEST_DIR, self.run_dir / _BEST_OLD
+        if old.is_dir() and not best.exists():
+            os.replace(old, best)  # stopped between the renames: back to the old copy
+        shutil.rmtree(old, ignore_errors=True)
+        inside = best / BEST_FILE
+        if inside.is_file():  # stopped after the swap, before best.json: it describes the copy
+            text = inside.read_text()
+            path = self.run_dir / BEST_FILE
+            if not path.is_file() or path.read_text() != text:
+                _atomic_text(path, text)
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_best(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """``RUN_DIR/best.json`` as a dict (``checkpoint`` resolved to a full path), or None when absent."""
+    path = Path(run_dir) / BEST_FILE
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    record["checkpoint"] = str(Path(run_dir) / record["checkpoint"])
+    return record

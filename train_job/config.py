@@ -4,17 +4,20 @@
 
 Sections: ``model`` (:class:`spade_core.config.ModelConfig`, the architecture that travels
 with the weights), ``loss`` (:class:`spade_core.losses.LossConfig`), ``data``, ``optim``,
-``scaling``, ``storage``, ``checkpoint``, ``logging``. Everything is a frozen dataclass and
-checked once, here, so a bad value fails before a cluster is asked for anything:
+``scaling``, ``storage``, ``checkpoint``, ``logging``, ``eval`` (evaluation during training,
+off by default). Everything is a frozen dataclass and checked once, here, so a bad value
+fails before a cluster is asked for anything:
 
 * unknown keys, wrong types, bad literals and out-of-range values are ValueErrors that name
   the full dotted key (``optim.lr must be > 0, got -1``);
 * cross-section rules: ``data.batch_size`` is the global batch and must split equally over
   ``scaling.num_workers``; ``data.preprocess.crop_size`` must equal
   ``model.generator.crop_size``, and for the fixed-size preprocessing modes the generator
-  must produce exactly the image size the pipeline delivers;
+  must produce exactly the image size the pipeline delivers; ``checkpoint.best_by`` must be
+  a metric ``eval`` computes; ``eval.oracle`` only labels ADE20K-layout scenes;
 * relative local paths (``data.shards``, ``storage.path``, ``storage.resume_from``,
-  ``loss.vgg_weights``) are made absolute against the current directory at load time:
+  ``loss.vgg_weights``, ``eval.inception``, ``eval.segmenter``) are made absolute against the
+  current directory at load time:
   Ray Train rejects a relative ``storage_path``, and its workers run in another directory.
 
 Overrides are ``key=value`` strings with dotted keys; the value is read as a YAML scalar
@@ -45,13 +48,25 @@ from spade_core.configtools import (
     dump_yaml_text,
     join_key,
     load_yaml,
+    reject_unknown,
     require,
+    type_hints,
+    typed,
 )
 from spade_core.losses import LossConfig
+from spade_core.metrics.inception import BLOCK_BY_DIMS
 from spade_core.preprocess import PreprocessConfig, output_size
+
+from .datasets import DatasetError, normalize_split
 
 Precision = Literal["fp32", "bf16", "fp16"]
 PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+EvalMetric = Literal["fid", "kid", "miou"]
+EVAL_METRICS: tuple[str, ...] = ("fid", "kid", "miou")
+# What each metric puts in the records: KID's spread over its subsets, and pixel accuracy
+# from the same confusion matrix as the mIoU.
+EVAL_VALUES = {"fid": ("fid",), "kid": ("kid", "kid_std"), "miou": ("miou", "pixel_accuracy")}
+LOWER_IS_BETTER = {"fid": True, "kid": True, "miou": False}
 
 # Ray's worker processes take ports 10002-19999 by default (docs/ray-2.60-notes.md); a
 # metrics server there would collide with them at random.
@@ -288,6 +303,9 @@ class CheckpointConfig:
     every_steps: int = 1000  # global steps between checkpoints; 0: only at epoch ends
     keep: int = 3  # newest checkpoints kept (ray.train.CheckpointConfig.num_to_keep)
     at_epoch_end: bool = True
+    # Keep the model that scored best in eval (lower fid / kid, higher miou) as RUN_DIR/best/
+    # with RUN_DIR/best.json, whatever `keep` says; null: no best copy.
+    best_by: EvalMetric | None = None
 
     def __post_init__(self) -> None:
         check_fields(self, "checkpoint")
@@ -308,6 +326,8 @@ class LoggingConfig:
     # where Ray puts its worker processes.
     metrics_port: int | None = 9464
     metrics_host: str = "127.0.0.1"  # loopback unless a scraper on another host needs it
+    # TensorBoard event files under RUN_DIR/tensorboard/: loss terms, rates, eval metrics, sample grids
+    tensorboard: bool = True
 
     def __post_init__(self) -> None:
         check_fields(self, "logging")
@@ -327,6 +347,120 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """Evaluation during training (``train_job.validation``): rank 0 scores the generator
+    (the EMA one when EMA is on) on a fixed validation subset every ``every_steps`` steps and
+    at the end of the run, as ``spade-eval run`` would score a checkpoint.
+
+    Requirements are checked only when it is on (``every_steps`` > 0): FID and KID need
+    ``inception``, mIoU needs ``segmenter`` or ``oracle``. ``metrics: null`` takes every
+    metric the given files allow. Whether ``split`` exists is checked at job start, against
+    the shards' manifest.
+    """
+
+    every_steps: int = 0  # global steps between evaluations; 0: off
+    split: str = "val"
+    # The split's first N pairs in key order, with the test-time preprocessing (resize to the
+    # model's input, no crop or flip): the same images every time. FID over a subset is
+    # biased upward against the full split: compare runs at the same num_images.
+    num_images: int = 500
+    metrics: tuple[EvalMetric, ...] | None = None  # some of fid, kid, miou; null: what the files allow
+    inception: str | None = None  # pytorch-fid's pt_inception-2015-12-05-6726825d.pth (fid, kid)
+    allow_any_inception: bool = False  # other weights of that layout (tests): FID not comparable then
+    # Inception feature block: 64, 192, 768 or 2048 (pytorch-fid's --dims; published FIDs use
+    # 2048). FID's matrix square root is dims x dims on rank 0's CPU threads (Ray gives a worker
+    # as many as it reserves CPUs): at 2048, ~30 s per evaluation on one thread of a 2-core Xeon.
+    dims: int = 2048
+    segmenter: str | None = None  # a TorchScript (.pt) or torch.export (.pt2) segmentation network (miou)
+    segmenter_offset: int | None = None  # output channel c -> id c + offset; null: 1 for ADE20K, else 0
+    oracle: bool = False  # the synthetic scenes' oracle segmenter instead of a network (miou)
+    batch_size: int = 16  # images per generator / Inception / segmenter call
+    sample_rows: int = 4  # rows of the subset's sample grid in TensorBoard (label | generated | real); 0: none
+
+    def __post_init__(self) -> None:
+        hints = type_hints(type(self))
+        for f in dataclasses.fields(self):  # configtools checks scalars; the metric list is checked below
+            if f.name != "metrics":
+                checked = typed(getattr(self, f.name), hints[f.name], f"eval.{f.name}")
+                object.__setattr__(self, f.name, checked)
+        object.__setattr__(self, "metrics", _metric_list(self.metrics, "eval.metrics"))
+        require(self.every_steps >= 0, f"eval.every_steps must be >= 0 (0: off), got {self.every_steps}")
+        try:
+            object.__setattr__(self, "split", normalize_split(self.split))
+        except DatasetError:
+            raise ValueError(f"eval.split must be train, training, val or validation, got {self.split!r}") from None
+        require(self.num_images >= 1, f"eval.num_images must be >= 1, got {self.num_images}")
+        require(self.dims in BLOCK_BY_DIMS, f"eval.dims must be one of {', '.join(map(str, BLOCK_BY_DIMS))}, got {self.dims}")
+        require(self.batch_size >= 1, f"eval.batch_size must be >= 1, got {self.batch_size}")
+        require(self.sample_rows >= 0, f"eval.sample_rows must be >= 0, got {self.sample_rows}")
+        for name in ("inception", "segmenter"):
+            value = getattr(self, name)
+            if value is not None:
+                require(value != "", f"eval.{name} must be a path or null, got ''")
+                object.__setattr__(self, name, _absolute(value))
+        require(not (self.segmenter and self.oracle), "eval.segmenter and eval.oracle are both set: give one of them")
+        require(
+            self.segmenter_offset is None or self.segmenter_offset >= 0,
+            f"eval.segmenter_offset must be >= 0 or null, got {self.segmenter_offset}",
+        )
+        require(
+            self.segmenter_offset is None or self.segmenter is not None,
+            "eval.segmenter_offset is set but eval.segmenter is not: the offset maps a segmentation network's outputs",
+        )
+        if not self.enabled:
+            return
+        chosen = self.chosen_metrics
+        require(
+            len(chosen) > 0,
+            f"eval.every_steps is {self.every_steps} but there is nothing to compute: set eval.inception "
+            "(fid, kid) and/or eval.segmenter or eval.oracle (miou), or eval.every_steps: 0",
+        )
+        for metric in chosen:
+            require(
+                metric == "miou" or self.inception is not None,
+                f"eval.metrics includes {metric}, which needs eval.inception (pytorch-fid's Inception weights)",
+            )
+            require(
+                metric != "miou" or self.segmenter is not None or self.oracle,
+                "eval.metrics includes miou, which needs eval.segmenter (a segmentation network) or eval.oracle: true",
+            )
+        require(
+            self.num_images >= 2 or not ({"fid", "kid"} & set(chosen)),
+            f"eval.num_images must be >= 2 for fid and kid (a covariance), got {self.num_images}",
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.every_steps > 0
+
+    @property
+    def chosen_metrics(self) -> tuple[str, ...]:
+        """The metrics computed: as listed, or (``metrics: null``) every one the files allow."""
+        if self.metrics is not None:
+            return self.metrics
+        allowed = ("fid", "kid") if self.inception is not None else ()
+        return allowed + (("miou",) if self.segmenter is not None or self.oracle else ())
+
+    @property
+    def value_names(self) -> tuple[str, ...]:
+        """The keys an evaluation reports: fid, kid, kid_std, miou, pixel_accuracy (those chosen)."""
+        return tuple(name for metric in self.chosen_metrics for name in EVAL_VALUES[metric])
+
+
+def _metric_list(value: Any, key: str) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise ValueError(f"{key} has a wrong value {value!r}; expected a list of {', '.join(EVAL_METRICS)}, or null")
+    for item in value:
+        if item not in EVAL_METRICS or not isinstance(item, str):
+            raise ValueError(f"{key} has an unknown metric {item!r}; expected some of {', '.join(EVAL_METRICS)}")
+    require(len(set(value)) == len(value), f"{key} lists a metric twice: {list(value)}")
+    require(len(value) > 0, f"{key} is empty; list some of {', '.join(EVAL_METRICS)}, or null for what the files allow")
+    return tuple(value)
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """The whole training job. Build with :func:`load_train_config` or :meth:`from_dict`."""
 
@@ -338,6 +472,7 @@ class TrainConfig:
     storage: StorageConfig
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         check_fields(self, "")
@@ -352,6 +487,25 @@ class TrainConfig:
             "it is the global batch, split equally over the workers",
         )
         self._check_image_size()
+        self._check_eval()
+
+    def _check_eval(self) -> None:
+        ev, best = self.eval, self.checkpoint.best_by
+        if best is not None:
+            require(
+                ev.enabled,
+                f"checkpoint.best_by is {best!r} but eval.every_steps is 0: the best model is chosen by the "
+                "evaluation during training, so turn it on",
+            )
+            require(
+                best in ev.chosen_metrics,
+                f"checkpoint.best_by is {best!r} but eval computes only {', '.join(ev.chosen_metrics)}: list it in "
+                "eval.metrics (fid and kid need eval.inception, miou eval.segmenter or eval.oracle)",
+            )
+        require(
+            not ev.oracle or self.model.labels.dataset == "ade20k",
+            f"eval.oracle labels the synthetic ADE20K-layout scenes; model.labels.dataset is {self.model.labels.dataset!r}",
+        )
 
     def _check_image_size(self) -> None:
         pre, gen = self.data.preprocess, self.model.generator
@@ -379,12 +533,15 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dicts, lists and scalars: ``TrainConfig.from_dict(c.to_dict()) == c``."""
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if out["eval"]["metrics"] is not None:
+            out["eval"]["metrics"] = list(out["eval"]["metrics"])  # YAML has lists, not tuples
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
         """Build and validate; unknown keys and bad values are ValueErrors naming the dotted key."""
-        return build(cls, data, "", builders={ModelConfig: _build_model})
+        return build(cls, data, "", builders={ModelConfig: _build_model, EvalConfig: _build_eval})
 
 
 # ---------------------------------------------------------------------------------------
@@ -433,6 +590,12 @@ def _build_model(data: Mapping[str, Any], where: str) -> ModelConfig:
         return ModelConfig.from_dict(dict(data))
     except ValueError as exc:
         raise ValueError(_qualify_model(str(exc), where)) from exc
+
+
+def _build_eval(data: Mapping[str, Any], where: str) -> EvalConfig:
+    # configtools reads scalars and mappings; EvalConfig checks its list of metrics itself
+    reject_unknown(data, type_hints(EvalConfig), where)
+    return EvalConfig(**dict(data))
 
 
 # spade_core's messages name keys relative to the model config ('generator.ngf', and

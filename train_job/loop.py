@@ -2,7 +2,9 @@
 
 Build the networks -> synced batch norm (more than one worker) -> DDP -> resume from the
 latest checkpoint if there is one -> epochs of the reference's G step + D step, with the
-LR schedule, AMP, EMA, checkpoints, metrics and sample grids.
+LR schedule, AMP, EMA, checkpoints, metrics and sample grids; with ``eval.every_steps``,
+rank 0 evaluates the generator on a fixed validation subset (``train_job.validation``) and
+keeps the best model (``checkpoint.best_by``, ``train_job.checkpointing.BestCheckpoint``).
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ import spade_core
 from spade_core.losses import build_vgg_loss
 from spade_core.norms import convert_sync_batchnorm, set_fast_training
 
-from .checkpointing import TrainState, read_training_checkpoint, write_training_checkpoint
+from .checkpointing import BestCheckpoint, TrainState, read_training_checkpoint, write_training_checkpoint
 from .config import TrainConfig
-from .metrics import MetricsLog, Throughput, save_sample_grid, start_prometheus
+from .metrics import MetricsLog, Throughput, sample_grid, save_grid, start_prometheus
 from .pipeline import iter_training_batches
 from .steps import Networks, discriminator_losses, generator_losses, semantics_of
 
@@ -107,9 +109,27 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         vgg.to(memory_format=torch.channels_last)
     run_dir = _run_dir(cfg)
     log = None
+    evaluator, best = None, None
     if rank == 0:
         prometheus = cfg.logging.metrics_port is not None and start_prometheus(cfg.logging.metrics_port, cfg.logging.metrics_host)
-        log = MetricsLog(run_dir, prometheus=prometheus)
+        log = MetricsLog(run_dir, prometheus=prometheus, tensorboard=cfg.logging.tensorboard, resume_step=state.step)
+        if cfg.eval.enabled:
+            # Rank 0 alone evaluates, between two steps; the other ranks go on to the next
+            # collective (DDP's gradient all-reduce, synced batch norm, ray.train.report) and
+            # wait there, so the evaluation's time shows as their step time. Acceptable
+            # because the subset is small and fixed (eval.num_images, one forward pass per
+            # image and network) and comes every eval.every_steps steps; its cost is logged
+            # (eval_s) and must stay well under the process group's timeout (Ray Train's
+            # TorchConfig.timeout_s, 30 min). Sharding the subset over the ranks would divide
+            # the forward passes by the world size, but needs Inception and the segmenter on
+            # every rank and a gather of features, and FID's matrix square root (the largest
+            # part at 2048 dims on CPUs) stays on one rank either way.
+            from .validation import TrainingEvaluator
+
+            evaluator = TrainingEvaluator(cfg, device=device)
+            print(evaluator.describe(), flush=True)
+            if cfg.checkpoint.best_by is not None:
+                best = BestCheckpoint(run_dir, cfg.checkpoint.best_by)
 
     count = int(loop_config["num_examples"])
     per_epoch = steps_per_epoch(count, workers=world, worker_batch=cfg.worker_batch_size)
@@ -167,14 +187,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 log.record(record, images=cfg.data.batch_size * cfg.logging.every_steps, step_seconds=step_s, data_wait=data_wait)
                 log.print_line(record)
                 throughput.reset()
-            if rank == 0 and cfg.logging.sample_grid_every_steps and state.step % cfg.logging.sample_grid_every_steps == 0:
-                _sample_grid(run_dir / "samples" / f"step_{state.step:08d}.png", model, ema, batch, device)
+            if log is not None and cfg.logging.sample_grid_every_steps and state.step % cfg.logging.sample_grid_every_steps == 0:
+                grid = _sample_grid(run_dir / "samples" / f"step_{state.step:08d}.png", model, ema, batch, device)
+                log.image("samples/train", grid, state.step)
             end_of_epoch = state.epoch_step == per_epoch
             if end_of_epoch:
                 state.epoch, state.epoch_step = epoch + 1, 0
             # all ranks must agree to stop at the same step: decide from rank 0's clock
             out_of_time = deadline is not None and _broadcast_flag(time.monotonic() - started > deadline, distributed)
             finished = out_of_time or (max_steps is not None and state.step >= max_steps)
+            run_ends = finished or (stop_at is not None and state.step >= stop_at) or (
+                end_of_epoch and epoch == cfg.optim.total_epochs - 1
+            )
+            if evaluator is not None and (state.step % cfg.eval.every_steps == 0 or run_ends):
+                _evaluate(evaluator, best, log, model, ema, state.step, epoch)
+            if log is not None and run_ends:
+                log.flush()
             if (cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0) or (
                 end_of_epoch and cfg.checkpoint.at_epoch_end
             ) or finished:
@@ -268,8 +296,21 @@ def _report(cfg, loop_config, model, ema, optimizers, scaler, state, terms, rank
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
+def _evaluate(evaluator, best, log, model, ema, step: int, epoch: int) -> None:  # type: ignore[no-untyped-def]
+    """Rank 0: score the exported generator (EMA with EMA on), keep the best model, record it all."""
+    outcome = evaluator(ema.shadow if ema is not None else model.generator, model.encoder)
+    new_best = best is not None and best.offer(
+        outcome.values, step=step, epoch=epoch, model=model, ema_generator=ema.shadow if ema is not None else None,
+        details={"split": evaluator.cfg.eval.split, "num_images": len(evaluator.data)},
+    )
+    log.record_eval({"step": step, "epoch": epoch, "eval": outcome.values, "eval_s": outcome.seconds,
+                     "eval_images": len(evaluator.data), "best": new_best, "time": time.time()})
+    if outcome.grid is not None:
+        log.image("samples/eval", outcome.grid, step)
+
+
 @torch.no_grad()
-def _sample_grid(path: Path, model: spade_core.SpadeModel, ema: EMA | None, batch: dict[str, torch.Tensor], device: torch.device) -> None:
+def _sample_grid(path: Path, model: spade_core.SpadeModel, ema: EMA | None, batch: dict[str, torch.Tensor], device: torch.device) -> Any:
     generator = ema.shadow if ema is not None else model.generator
     semantics = semantics_of(batch, model.config.labels)
     was_training = generator.training
@@ -282,7 +323,9 @@ def _sample_grid(path: Path, model: spade_core.SpadeModel, ema: EMA | None, batc
         model.encoder.train(was_enc)
     fake = generator(semantics, z=z)
     generator.train(was_training)
-    save_sample_grid(path, batch["label"], fake, batch["image"], model.classes)
+    grid = sample_grid(batch["label"], fake, batch["image"], model.classes)
+    save_grid(path, grid)
+    return grid
 
 
 def _broadcast_flag(flag: bool, distributed: bool) -> bool:
