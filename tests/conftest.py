@@ -77,3 +77,13 @@ def ray_cluster():  # type: ignore[no-untyped-def]
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a stale or foreign cluster
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def random_inception_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """pytorch-fid's Inception layout with random weights (load with allow_any_inception)."""
+    from .test_metrics_fid import random_state
+
+    path = tmp_path_factory.mktemp("inception") / "random_inception.pth"
+    torch.save(random_state(0), path)
+    return path

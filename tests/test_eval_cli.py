@@ -27,7 +27,7 @@ from train_job.prepare import main as prepare_main
 from train_job.synthetic import default_oracle, write_dataset
 
 from .conftest import REPO
-from .test_metrics_fid import _images, random_state
+from .test_metrics_fid import _images
 
 TINY = REPO / "cluster/configs/tiny.yaml"
 N_VAL = 8
@@ -44,10 +44,8 @@ def _one_error_line(err: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def inception(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("inception") / "random_inception.pth"
-    torch.save(random_state(0), path)  # pytorch-fid's layout, random weights
-    return path
+def inception(random_inception_file: Path) -> Path:
+    return random_inception_file
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,6 @@ from train_job.synthetic import write_dataset
 from train_job.validation import TrainingEvaluator
 
 from .conftest import REPO
-from .test_metrics_fid import random_state
 
 TINY = REPO / "cluster/configs/tiny.yaml"
 N_TRAIN = 8  # 1 worker x batch 4: 2 steps per epoch
@@ -31,10 +30,8 @@ N_VAL = 8
 
 
 @pytest.fixture(scope="module")
-def inception(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("inception") / "random_inception.pth"
-    torch.save(random_state(0), path)  # pytorch-fid's layout, random weights
-    return path
+def inception(random_inception_file: Path) -> Path:
+    return random_inception_file
 
 
 @pytest.fixture(scope="module")
