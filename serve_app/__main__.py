@@ -1,6 +1,7 @@
 """``spade-serve``: serve a checkpoint over HTTP on a local Ray (or the cluster in RAY_ADDRESS).
 
     spade-serve --checkpoint out/runs/tiny                 # http://127.0.0.1:8000, metrics on :8080
+    spade-serve --checkpoint out/runs/tiny --select best   # the run's best checkpoint (checkpoint.best_by)
     spade-serve --config my_args.yaml --set precision=bf16 --port 8000
 
 ``--config`` is a YAML of the app's args (``serve_app.config.ServeConfig``); flags and
@@ -15,6 +16,8 @@ import signal
 import sys
 import threading
 
+from spade_core.runs import SELECTS
+
 from .config import ServeConfig, load_serve_config
 
 DEFAULT_PORT = 8000
@@ -24,6 +27,8 @@ DEFAULT_METRICS_PORT = 8080
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="spade-serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="checkpoint dir, training run dir (newest checkpoint_*), or URI")
+    parser.add_argument("--select", choices=SELECTS,
+                        help="of a training run: latest (the newest checkpoint_*, default) or best (best/, by checkpoint.best_by)")
     parser.add_argument("--config", help="YAML of app args (ServeConfig)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a dotted key")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
@@ -40,10 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
-        config: ServeConfig = load_serve_config(args.config, args.overrides, checkpoint=args.checkpoint, precision=args.precision)
+        config: ServeConfig = load_serve_config(args.config, args.overrides, checkpoint=args.checkpoint, select=args.select,
+                                                precision=args.precision)
         from .checkpoints import resolve_checkpoint
 
-        resolved = resolve_checkpoint(config.checkpoint)
+        resolved = resolve_checkpoint(config.checkpoint, config.select)
     except (ValueError, FileNotFoundError) as exc:
         print(f"spade-serve: {exc}", file=sys.stderr)
         return 2

@@ -2,11 +2,12 @@
 
 The args are a :class:`~serve_app.config.ServeConfig` mapping. The checkpoint's config is
 read here (no weights) to decide whether a ``StyleEncoder`` is deployed; each model
-deployment gets ``user_config = {"checkpoint": args.checkpoint}``.
+deployment gets ``user_config = {"checkpoint": args.checkpoint, "select": args.select}``.
 
 Rolling out a new checkpoint in place: in the Serve config (``serve deploy``, a
 RayService's ``serveConfigV2``) leave ``args`` as they are and set
-``deployments: [{name: SpadeGenerator, user_config: {checkpoint: NEW}}]`` (and the same for
+``deployments: [{name: SpadeGenerator, user_config: {checkpoint: NEW}}]`` (``select: best`` to
+take a run's best checkpoint; and the same for
 ``StyleEncoder``): Serve calls ``reconfigure`` on the running replicas, which load the new
 weights and swap them between batches. Changing ``args`` (or ``serve.run`` from Python,
 which always versions anew) replaces the replicas instead, also without dropping requests
@@ -29,7 +30,7 @@ from .ingress import SpadeIngress
 
 def build_app(args: dict[str, Any] | ServeConfig) -> Application:
     config = args if isinstance(args, ServeConfig) else ServeConfig.from_dict(args)
-    model_config = read_config(resolve_checkpoint(config.checkpoint))
+    model_config = read_config(resolve_checkpoint(config.checkpoint, config.select))
     # The checkpoint is not among the replicas' init args but in their user_config, so a
     # change of it alone reconfigures running replicas instead of replacing them.
     replica_options = {
@@ -38,7 +39,7 @@ def build_app(args: dict[str, Any] | ServeConfig) -> Application:
         "compile": config.compile,
         "batching": {"max_batch_size": config.batching.max_batch_size, "batch_wait_timeout_s": config.batching.batch_wait_timeout_s},
     }
-    user_config = {"checkpoint": config.checkpoint}
+    user_config = {"checkpoint": config.checkpoint, "select": config.select}
 
     def options(section: Any) -> dict[str, Any]:
         health = {"health_check_period_s": section.health_check_period_s, "health_check_timeout_s": section.health_check_timeout_s}

@@ -1,57 +1,39 @@
 """Where the served weights come from: a checkpoint directory, a training run, or a URI.
 
 The checkpoint directory is the contract with training (config.json + safetensors, or an
-NVlabs directory); a training run directory holds Ray Train's ``checkpoint_<time>``
-folders and serving picks the newest. URIs (s3://, gs://, file://, any pyarrow filesystem)
-are copied to a local cache first.
+NVlabs directory); of a training run directory (``spade_core.runs``) serving takes the
+newest ``checkpoint_*`` or, selected, ``best/``. URIs (s3://, gs://, file://, any pyarrow
+filesystem) are copied to a local cache first: of a run, only the selected checkpoint.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import spade_core
 from spade_core.checkpoint import CONFIG_FILE
-from spade_core.nvlabs import is_nvlabs_dir
+from spade_core.nvlabs import NET_FILES
+from spade_core.runs import BEST_DIR, BEST_FILE, CHECKPOINT_PREFIX, Select, checkpoint_in
 
 CACHE_DIR = Path(os.environ.get("SPADE_SERVE_CACHE", Path(tempfile.gettempdir()) / "spade_serve_cache"))
 
 
-def is_checkpoint_dir(path: Path) -> bool:
-    return (path / CONFIG_FILE).is_file() or is_nvlabs_dir(path)
-
-
-def latest_in_run(run: Path) -> Path | None:
-    """The newest ``checkpoint_*`` folder of a Ray Train run (their names sort by time)."""
-    candidates = sorted(p for p in run.glob("checkpoint_*") if p.is_dir() and is_checkpoint_dir(p))
-    return candidates[-1] if candidates else None
-
-
-def resolve_checkpoint(location: str) -> Path:
-    """A local checkpoint directory for ``location``; ValueError saying what is wrong otherwise."""
+def resolve_checkpoint(location: str, select: Select = "latest") -> Path:
+    """A local checkpoint directory for ``location`` (``select`` of a run); ValueError saying what is wrong."""
     if "://" in location and not location.startswith("file://"):
-        return resolve_checkpoint(str(_download(location)))
-    path = Path(location.removeprefix("file://")).expanduser()
-    if not path.is_dir():
-        raise ValueError(f"checkpoint {location} {'is not a directory' if path.exists() else 'does not exist'}")
-    if is_checkpoint_dir(path):
-        return path
-    latest = latest_in_run(path)
-    if latest is None:
-        raise ValueError(
-            f"{location} is neither a checkpoint directory (config.json + generator.safetensors, or NVlabs' "
-            "latest_net_G.pth + opt.txt) nor a training run with checkpoint_* folders"
-        )
-    return latest
+        return checkpoint_in(_download(location, select))
+    return checkpoint_in(location.removeprefix("file://"), select)
 
 
-def load_model(location: str, device: str = "cpu") -> tuple[spade_core.SpadeModel, str]:
+def load_model(location: str, device: str = "cpu", select: Select = "latest") -> tuple[spade_core.SpadeModel, str]:
     """The model in eval mode and the checkpoint's identity (path + a digest of its config and weights' sizes)."""
-    path = resolve_checkpoint(location)
+    path = resolve_checkpoint(location, select)
     model = spade_core.load_checkpoint(path, device=device)
     return model, f"{path}#{fingerprint(path)}"
 
@@ -65,34 +47,58 @@ def fingerprint(path: Path) -> str:
     return h.hexdigest()[:12]
 
 
-def _download(uri: str) -> Path:
+def _download(uri: str, select: Select) -> Path:
+    """A local copy of the checkpoint ``uri`` names (of a run: only the selected one, not every one)."""
     import pyarrow.fs as pafs
 
     try:
         fs, root = pafs.FileSystem.from_uri(uri)
     except Exception as exc:  # pyarrow raises several types for bad or unsupported URIs
         raise ValueError(f"cannot open {uri}: {exc}") from exc
-    target = CACHE_DIR / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    info = fs.get_file_info(root)
-    if info.type == pafs.FileType.NotFound:
+    root = root.rstrip("/")
+    cache = CACHE_DIR / _digest(uri)
+    if fs.get_file_info(root).type == pafs.FileType.NotFound:
         raise ValueError(f"checkpoint {uri} does not exist")
-    # A run directory: fetch only its newest checkpoint, not every one.
     entries = fs.get_file_info(pafs.FileSelector(root))
-    checkpoints = sorted(i.base_name for i in entries if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
-    if checkpoints and not any(i.base_name == CONFIG_FILE for i in entries):
-        root = f"{root.rstrip('/')}/{checkpoints[-1]}"
-        target = target / checkpoints[-1]
-    if not target.is_dir():
-        CACHE_DIR.mkdir(parents=True, exist_ok=True)
-        partial = Path(tempfile.mkdtemp(dir=CACHE_DIR))
+    names = {i.base_name for i in entries}
+    if names & {CONFIG_FILE, "opt.txt", NET_FILES["generator"]}:
+        if select == "best":
+            raise ValueError(f"{uri} is a checkpoint, not a training run: 'best' chooses among a run's checkpoints")
+        return _copy_once(fs, root, cache)
+    if select == "best":
+        if BEST_FILE not in names:
+            raise ValueError(f"{uri} has no {BEST_FILE}: a run keeps a best checkpoint only when trained with checkpoint.best_by")
+        with fs.open_input_stream(f"{root}/{BEST_FILE}") as f:
+            record = f.read()
+        # The best copy is replaced in place as training improves: cache it under its record.
+        name = json.loads(record)["checkpoint"]
+        return _copy_once(fs, f"{root}/{name}", cache / f"{BEST_DIR}-{_digest(record)}")
+    checkpoints = sorted(i.base_name for i in entries if i.type == pafs.FileType.Directory and i.base_name.startswith(CHECKPOINT_PREFIX))
+    if not checkpoints:
+        raise ValueError(f"{uri} is neither a checkpoint directory nor a training run with {CHECKPOINT_PREFIX}* folders")
+    return _copy_once(fs, f"{root}/{checkpoints[-1]}", cache / checkpoints[-1])
+
+
+def _digest(data: str | bytes) -> str:
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()[:16]
+
+
+def _copy_once(fs: Any, source: str, target: Path) -> Path:
+    """``source`` copied to ``target`` unless already there; atomic, so concurrent replicas share one copy."""
+    import pyarrow.fs as pafs
+
+    if target.is_dir():
+        return target
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(dir=CACHE_DIR))
+    try:
+        pafs.copy_files(source, str(partial), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        target.parent.mkdir(parents=True, exist_ok=True)
         try:
-            pafs.copy_files(root, str(partial), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.replace(partial, target)  # atomic: a concurrent replica sees all files or none
-            except OSError:
-                if not target.is_dir():  # else another replica finished the same copy first
-                    raise
-        finally:
-            shutil.rmtree(partial, ignore_errors=True)
+            os.replace(partial, target)  # a concurrent replica sees all files or none
+        except OSError:
+            if not target.is_dir():  # else another replica finished the same copy first
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return target

@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Literal
 
 from spade_core import configtools
 from spade_core.configtools import build, check_fields, load_yaml, require
+from spade_core.runs import Select
 
 Precision = Literal["fp32", "bf16", "fp16"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -162,8 +163,10 @@ class ServeConfig:
 
     # A checkpoint directory (spade_core's config.json + safetensors, or NVlabs'
     # latest_net_*.pth + opt.txt), a training run directory (its newest checkpoint_* is
-    # served), or a URI (s3://, gs://, file://) of either, copied to a local cache.
+    # served, or its best/ with select: best), or a URI (s3://, gs://, file://) of either,
+    # copied to a local cache.
     checkpoint: str
+    select: Select = "latest"  # of a training run: the newest checkpoint_*, or best/ (checkpoint.best_by)
     device: Device = "auto"  # auto: cuda when the replica has a GPU, else cpu
     precision: Precision = "fp32"  # the fast path's compute dtype (bf16: ~10x on AMX CPUs and GPUs)
     compile: bool = False  # torch.compile the fast generator (slow first call per batch size)

@@ -25,6 +25,7 @@ import torch
 from ray import serve
 
 import spade_core
+from spade_core.runs import Select
 from spade_core.semantics import label_channels
 
 from .checkpoints import load_model
@@ -44,7 +45,7 @@ class Loaded:
 
     model: spade_core.SpadeModel
     identity: str
-    location: str
+    location: tuple[str, Select]  # (checkpoint, select) as user_config gave them
 
 
 def pick_device(device: str) -> str:
@@ -74,7 +75,7 @@ class _ModelReplica:
     # --- configuration ------------------------------------------------------------------
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        location = user_config["checkpoint"]
+        location = (user_config["checkpoint"], user_config.get("select", "latest"))
         if "batching" in user_config:
             self._set_batching(user_config["batching"])
         if self.loaded is not None and self.loaded.location == location:
@@ -83,8 +84,8 @@ class _ModelReplica:
         self.loaded = loaded  # the swap: batches that started keep their reference to the old model
         self.metrics["loads"].inc(tags={"deployment": self.deployment})
 
-    def _load(self, location: str) -> Loaded:
-        model, identity = load_model(location, device=self.device)
+    def _load(self, location: tuple[str, Select]) -> Loaded:
+        model, identity = load_model(location[0], device=self.device, select=location[1])
         self.prepare(model)
         return Loaded(model=model, identity=identity, location=location)
 

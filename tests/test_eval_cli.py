@@ -174,7 +174,10 @@ def test_run_input_errors_exit_2_before_ray(
         ([*base, "--oracle", "--data", str(tmp_path)], "prepare the data first"),
         (["run", "--checkpoint", str(other_labels), "--data", str(shards), "--out", str(tmp_path / "o"), "--oracle"], "label_nc 182"),
         (["run", "--checkpoint", str(no_weights), "--data", str(shards), "--out", str(tmp_path / "o"), "--oracle"], "no generator weights"),
-        (["run", "--checkpoint", str(run_dir), "--data", str(shards), "--out", str(tmp_path / "o"), "--oracle"], "is a training run"),
+        (["run", "--checkpoint", str(run_dir), "--select", "best", "--data", str(shards), "--out", str(tmp_path / "o"), "--oracle"],
+         "has no best.json"),
+        ([*base, "--oracle", "--select", "best"], "is a checkpoint, not a training run"),
+        (["run", "--checkpoint", str(tmp_path), "--data", str(shards), "--out", str(tmp_path / "o"), "--oracle"], "nor a training run"),
         (["run", "--checkpoint", str(tmp_path / "absent"), "--data", str(shards), "--out", str(tmp_path / "o"), "--oracle"], "does not exist"),
         ([*base, "--inception", str(tmp_path / "none.pth")], "Inception weights"),
         ([*base, "--inception", str(inception)], "--allow-any-inception"),
@@ -205,6 +208,13 @@ def test_plan_uses_the_whole_split_when_asked_for_more_and_reads_keys_in_order(d
     assert plan.checkpoint["files"] == {name: hashlib.sha256(b).hexdigest() for name, b in files.items()}
     assert plan.checkpoint["path"] == str(checkpoint.resolve()) and len(plan.checkpoint["sha256"]) == 64
     assert prepare_evaluation(dataclasses.replace(plan.options, num_images=5)).keys == plan.keys[:5]
+    run_dir = tmp_path / "run"  # a training run: its newest checkpoint, or best/ as best.json names it
+    for name in ("checkpoint_2026-01-01_00-00-00.000000", "checkpoint_2026-01-02_00-00-00.000000", "best"):
+        shutil.copytree(checkpoint, run_dir / name)
+    (run_dir / "best.json").write_text(json.dumps({"metric": "miou", "value": 0.5, "checkpoint": "best"}))
+    for select, name in (("latest", "checkpoint_2026-01-02_00-00-00.000000"), ("best", "best")):
+        resolved = prepare_evaluation(dataclasses.replace(plan.options, checkpoint=str(run_dir), select=select)).checkpoint
+        assert resolved["path"] == str((run_dir / name).resolve()), select
     with pytest.raises(EvalError, match="--samples must be >= 0"):
         prepare_evaluation(dataclasses.replace(plan.options, samples=-1))
 

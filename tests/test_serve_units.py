@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +84,23 @@ def test_a_run_directory_resolves_to_its_newest_checkpoint(tmp_path: Path) -> No
         resolve_checkpoint(str(tmp_path / "empty"))
 
 
+def test_the_best_checkpoint_of_a_run_is_served_only_when_selected(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    newest = spade_core.save_checkpoint(spade_core.build_model(TINY, discriminator=False, seed=0), run / "checkpoint_2026-01-02_09-00-00.000000")
+    with pytest.raises(ValueError, match="has no best.json.*checkpoint.best_by"):
+        resolve_checkpoint(str(run), "best")
+    spade_core.save_checkpoint(spade_core.build_model(TINY, discriminator=False, seed=1), run / "best")
+    (run / "best.json").write_text(json.dumps({"metric": "fid", "value": 30.0, "step": 4, "checkpoint": "best"}))
+    assert resolve_checkpoint(str(run)) == newest  # the default stays the newest
+    assert resolve_checkpoint(str(run), "best") == run / "best"
+    assert resolve_checkpoint(f"file://{run}", "best") == run / "best"
+    with pytest.raises(ValueError, match="is a checkpoint, not a training run"):
+        resolve_checkpoint(str(newest), "best")
+    (run / "best.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not a best-checkpoint record"):
+        resolve_checkpoint(str(run), "best")
+
+
 # --- images ---------------------------------------------------------------------------------
 
 
@@ -138,14 +156,26 @@ def test_uri_checkpoints_are_copied_to_the_cache_newest_only(tmp_path: Path, mon
     model = spade_core.build_model(TINY, discriminator=False, seed=0)
     for name in ("checkpoint_2026-01-01_10-00-00.000000", "checkpoint_2026-01-02_09-00-00.000000"):
         spade_core.save_checkpoint(model, tmp_path / "run" / name)
-    local = checkpoints._download(f"file://{tmp_path}/run")
+    local = checkpoints._download(f"file://{tmp_path}/run", "latest")
     assert local.name == "checkpoint_2026-01-02_09-00-00.000000" and (local / "config.json").is_file()
     assert not any(p.name.startswith("checkpoint_2026-01-01") for p in (tmp_path / "cache").rglob("*"))
-    assert checkpoints._download(f"file://{tmp_path}/run") == local  # cached
+    assert checkpoints._download(f"file://{tmp_path}/run", "latest") == local  # cached
     loaded, identity = checkpoints.load_model(str(local))
     assert loaded.config == TINY and identity.startswith(str(local))
     with pytest.raises(ValueError, match="does not exist"):
-        checkpoints._download(f"file://{tmp_path}/missing")
+        checkpoints._download(f"file://{tmp_path}/missing", "latest")
+    with pytest.raises(ValueError, match="has no best.json"):
+        checkpoints._download(f"file://{tmp_path}/run", "best")
+    # The best copy: fetched alone, and fetched again when training replaced it.
+    best_model = spade_core.build_model(TINY, discriminator=False, seed=3)
+    spade_core.save_checkpoint(best_model, tmp_path / "run" / "best")
+    (tmp_path / "run" / "best.json").write_text(json.dumps({"metric": "fid", "value": 30.0, "step": 4, "checkpoint": "best"}))
+    best = checkpoints._download(f"file://{tmp_path}/run", "best")
+    assert best.parent == local.parent and (best / "config.json").is_file() and not (best / "checkpoint_2026-01-02_09-00-00.000000").exists()
+    (tmp_path / "run" / "best.json").write_text(json.dumps({"metric": "fid", "value": 20.0, "step": 8, "checkpoint": "best"}))
+    assert checkpoints._download(f"file://{tmp_path}/run", "best") != best
+    with pytest.raises(ValueError, match="is a checkpoint, not a training run"):
+        checkpoints._download(f"file://{local}", "best")
 
 
 def test_nvlabs_directories_are_served_as_they_are(nvlabs_fixture: Path) -> None:
@@ -180,6 +210,9 @@ def test_replica_health_check_probes_an_idle_model_and_fails_a_stuck_batch(tmp_p
             await replica.check_health()
         await replica.reconfigure({"checkpoint": str(tmp_path / "ckpt")})
         await replica.check_health()  # idle: the probe runs a 1-image inference
+        with pytest.raises(ValueError, match="is a checkpoint, not a training run"):
+            await replica.reconfigure({"checkpoint": str(tmp_path / "ckpt"), "select": "best"})
+        assert replica.loaded.location == (str(tmp_path / "ckpt"), "latest")  # a refused change keeps the model
         replica._busy_since = time.monotonic() - 1.0
         with pytest.raises(RuntimeError, match="running for more than 0.5 s"):
             await replica.check_health()

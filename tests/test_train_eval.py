@@ -15,7 +15,8 @@ import torch
 
 import spade_core
 from train_job.__main__ import build_trainer
-from train_job.checkpointing import BEST_DIR, BEST_FILE, BestCheckpoint, read_best
+from spade_core.runs import BEST_DIR, BEST_FILE, read_best
+from train_job.checkpointing import BestCheckpoint
 from train_job.config import TrainConfig, dump_yaml, load_train_config
 from train_job.metrics import MetricsLog, start_prometheus
 from train_job.prepare import main as prepare_main

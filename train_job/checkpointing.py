@@ -37,14 +37,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from spade_core.checkpoint import WEIGHT_FILES, SpadeModel, save_checkpoint
+from spade_core.runs import BEST_DIR, BEST_FILE, read_best
 
 from .config import LOWER_IS_BETTER
 
 STATE_FILE = "training/state.pt"
 RAW_GENERATOR = "training/generator.safetensors"
 CONFIG_COPY = "training/train_config.json"
-BEST_FILE = "best.json"
-BEST_DIR = "best"
 BEST_FORMAT_VERSION = 1
 _BEST_TMP = ".best.tmp-"  # + pid: the next copy being written
 _BEST_OLD = ".best.old"  # the previous copy, for the moment between the two renames
@@ -226,13 +225,3 @@ def _atomic_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def read_best(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """``RUN_DIR/best.json`` as a dict (``checkpoint`` resolved to a full path), or None when absent."""
-    path = Path(run_dir) / BEST_FILE
-    if not path.is_file():
-        return None
-    record = json.loads(path.read_text())
-    record["checkpoint"] = str(Path(run_dir) / record["checkpoint"])
-    return record

@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 from typing import NoReturn, Sequence
 
+from spade_core.runs import SELECTS
+
 from .evaluate import EvalError, EvalOptions, foreign_inception_message, missing_inception_message
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -64,7 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="evaluate a checkpoint on a prepared split (Ray Data)",
                          description="Generate a split's images with a checkpoint and score them: FID and KID with --inception, "
                                      "mIoU and pixel accuracy with --segmenter or --oracle. Writes DIR/eval.json and DIR/index.html.")
-    run.add_argument("--checkpoint", required=True, help="a checkpoint directory (ours or NVlabs'), e.g. RUN/checkpoint_...")
+    run.add_argument("--checkpoint", required=True, help="a checkpoint directory (ours or NVlabs') or a training run directory")
+    run.add_argument("--select", choices=SELECTS, default="latest",
+                     help="of a training run: latest (its newest checkpoint_*, default) or best (best/, by checkpoint.best_by)")
     run.add_argument("--data", required=True, help="prepared shards (train_job.prepare's --out: a path or URI)")
     run.add_argument("--split", default="val", help="split to evaluate (default val)")
     run.add_argument("--out", required=True, metavar="DIR", help="eval.json, index.html and images/ (replaced)")
@@ -147,7 +151,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .evaluate import prepare_evaluation, run_evaluation, summary_lines, write_results
 
     opts = EvalOptions(
-        checkpoint=args.checkpoint, data=args.data, out=args.out, split=args.split, inception=args.inception,
+        checkpoint=args.checkpoint, select=args.select, data=args.data, out=args.out, split=args.split, inception=args.inception,
         allow_any_inception=args.allow_any_inception, dims=args.dims, segmenter=args.segmenter,
         segmenter_offset=args.segmenter_offset, oracle=args.oracle, num_images=args.num_images, precision=args.precision,
         seed=args.seed, batch_size=args.batch_size, device=args.device, concurrency=args.concurrency,

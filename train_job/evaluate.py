@@ -66,7 +66,8 @@ from spade_core.metrics import (
 )
 from spade_core.metrics.inception import BLOCK_BY_DIMS, FID_WEIGHTS_FILE, FID_WEIGHTS_SHA256, FID_WEIGHTS_URL
 from spade_core.metrics.kid import KID_SEED, KID_SUBSET_SIZE, KID_SUBSETS
-from spade_core.nvlabs import NET_FILES, is_nvlabs_dir
+from spade_core.nvlabs import NET_FILES
+from spade_core.runs import Select, checkpoint_in
 from spade_core.preprocess import PreprocessConfig, to_unit_range
 from spade_core.semantics import classes_for, colorize
 
@@ -99,9 +100,10 @@ class EvalError(ValueError):
 class EvalOptions:
     """What to evaluate and how (``spade-eval run``'s flags)."""
 
-    checkpoint: str
+    checkpoint: str  # a checkpoint directory, or a training run (see select)
     data: str
     out: str
+    select: Select = "latest"  # of a training run: its newest checkpoint_*, or best/
     split: str = "val"
     inception: str | None = None  # FID + KID need pytorch-fid's weight file
     allow_any_inception: bool = False  # other weights of the same layout (tests); FID then not comparable
@@ -217,17 +219,9 @@ def first_keys(shards: ShardSet, n: int) -> list[str]:
     return keys[:n]
 
 
-def _load_checkpoint(location: str) -> tuple[Path, spade_core.SpadeModel]:
-    path = Path(location).expanduser().resolve()
-    if not path.is_dir():
-        raise EvalError(f"checkpoint {location} {'is not a directory' if path.exists() else 'does not exist'}")
-    if not (path / CONFIG_FILE).is_file() and not is_nvlabs_dir(path):
-        runs = sorted(p.name for p in path.glob("checkpoint_*") if p.is_dir())
-        if runs:  # a training run: serving resolves it to its newest checkpoint; evaluation names one
-            raise EvalError(
-                f"{location} is a training run, not a checkpoint: pass one of its checkpoint folders, e.g. {path / runs[-1]}"
-            )
+def _load_checkpoint(location: str, select: Select) -> tuple[Path, spade_core.SpadeModel]:
     try:
+        path = checkpoint_in(location, select).resolve()
         return path, spade_core.load_checkpoint(path)
     except ValueError as exc:
         raise EvalError(str(exc)) from exc
@@ -328,7 +322,7 @@ def prepare_evaluation(opts: EvalOptions) -> EvalPlan:
         n = opts.num_images
     if opts.inception and n < 2:
         raise EvalError(f"FID and KID need at least 2 images, got {n} (--num-images, or the size of the {split} split)")
-    path, model = _load_checkpoint(opts.checkpoint)
+    path, model = _load_checkpoint(opts.checkpoint, opts.select)
     config = model.config
     del model
     if shards.labels.semantic_nc != config.labels.semantic_nc or shards.labels.label_nc != config.labels.label_nc:
