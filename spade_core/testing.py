@@ -47,3 +47,52 @@ def randomize_weights(model: SpadeModel, *, seed: int = 0, warmup_batches: int =
             model.encoder(torch.rand(batch_size, 3, h, w, generator=gen) * 2 - 1)
     model.train(was_training)
     return model
+
+
+def random_inception_state(
+    seed: int = 0, *, layout: dict[str, tuple[int, ...]] | None = None, calibrate: bool = True
+) -> dict[str, torch.Tensor]:
+    """Random weights in pytorch-fid's Inception layout (load with ``allow_any_inception``).
+
+    He-scaled convs and batch-norm statistics near 1. ``layout`` (key -> shape) defaults to
+    :class:`~spade_core.metrics.inception.FIDInceptionV3`'s own; tests pass the layout written
+    from pytorch-fid's published structure instead. ``calibrate`` (own layout only): the
+    batch-norm statistics are then measured on one batch of smooth random images, as trained
+    weights' are on their data, so that every layer's output stays near unit scale and the
+    pool features are O(1): FID and KID then respond to the images instead of to a few
+    exploding channels (uncalibrated, 94 random layers give FIDs in the thousands).
+    """
+    own = layout is None
+    if layout is None:
+        from .metrics.inception import FIDInceptionV3
+
+        layout = {k: tuple(v.shape) for k, v in FIDInceptionV3().state_dict().items()}
+    g = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+    for key, shape in layout.items():
+        if key.endswith("num_batches_tracked"):
+            state[key] = torch.tensor(0)
+        elif key.endswith("conv.weight"):
+            state[key] = torch.randn(shape, generator=g) * math.sqrt(2.0 / math.prod(shape[1:]))
+        elif key.endswith("running_var") or key.endswith("bn.weight"):
+            state[key] = 0.5 + torch.rand(shape, generator=g)
+        else:
+            state[key] = 0.1 * torch.randn(shape, generator=g)
+    if own and calibrate:
+        state = _calibrated(state, g)
+    return state
+
+
+@torch.no_grad()
+def _calibrated(state: dict[str, torch.Tensor], g: torch.Generator) -> dict[str, torch.Tensor]:
+    from .metrics.inception import FIDInceptionV3
+
+    model = FIDInceptionV3()
+    model.load_state_dict(state)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average: the batch's own statistics
+    coarse = torch.rand(8, 3, 12, 12, generator=g)  # smooth images, like photos at 299 px
+    model.train()(torch.nn.functional.interpolate(coarse, size=(299, 299), mode="bilinear", align_corners=False))
+    return {k: v.clone() for k, v in model.state_dict().items()}

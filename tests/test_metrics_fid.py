@@ -25,6 +25,7 @@ from PIL import Image
 from spade_core.metrics import fid as fidlib
 from spade_core.metrics import inception as inc
 from spade_core.metrics.inception import FIDInceptionV3, load_fid_inception
+from spade_core.testing import random_inception_state
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")  # as fast as 2 threads on this 2-core machine, and shares it better
@@ -131,20 +132,8 @@ def expected_layout(*, with_counters: bool) -> dict[str, tuple[int, ...]]:
 
 
 def random_state(seed: int = 0, *, with_counters: bool = False) -> dict[str, torch.Tensor]:
-    """Random weights in the layout, scaled so activations neither vanish nor explode (He init)."""
-    g = torch.Generator().manual_seed(seed)
-    state: dict[str, torch.Tensor] = {}
-    for key, shape in expected_layout(with_counters=with_counters).items():
-        if key.endswith("num_batches_tracked"):
-            state[key] = torch.tensor(0)
-        elif key.endswith("conv.weight"):
-            fan_in = shape[1] * shape[2] * shape[3]
-            state[key] = torch.randn(shape, generator=g) * (2.0 / fan_in) ** 0.5
-        elif key.endswith("running_var") or key.endswith("bn.weight"):
-            state[key] = 0.5 + torch.rand(shape, generator=g)
-        else:
-            state[key] = 0.1 * torch.randn(shape, generator=g)
-    return state
+    """Random weights in the published layout (not the model's own: a missing key must show)."""
+    return random_inception_state(seed, layout=expected_layout(with_counters=with_counters))
 
 
 @pytest.fixture(scope="module")
