@@ -26,6 +26,9 @@ Stages:
   5 serving       spade-serve with one GPU generator replica, bench/serve.py's closed loop at
                   1/16/64 clients: served / raw batched model, p50 / p99
   6 VAE           style encoding and style-guided synthesis at batch 16: accuracy and speed
+  8 evaluation    pytorch-fid's Inception on the device vs the CPU (fp32 <= 1e-5, bf16 <= 1e-2) and its
+                  images/s (bench/eval.py's measurement); spade-eval run's Ray Data pipeline with
+                  one GPU actor: 500 images of the ADE20K model, FID + KID + oracle mIoU, wall time
   7 profiles      torch.profiler's top kernels of one inference batch / training iteration
                   whose goal was missed (both in the smoke run)
 
@@ -107,6 +110,9 @@ class Sizes:
     vae_batch: int
     peak_size: int  # square bf16 matmul for the peak
     sync_channels: int
+    eval_images: int  # spade-eval run's images
+    eval_batch: int  # Inception throughput batch
+    eval_seconds: float  # timed seconds per Inception precision
     warmup: int = 3  # untimed calls before each timed variant
     reps: int = 5  # timed calls at least
 
@@ -115,12 +121,13 @@ GPU = Sizes(
     preset="ade20k.yaml", check_batch=2, train_batches=(8, 16, 32), train_steps=20, warmup_steps=4, plain_batch=16,
     plain_steps=10, scenes=768, scene_size=256, infer_batches=(1, 8, 32, 64), infer_ms=400.0, graph_batches=(1, 8, 32),
     compile_variants=(("bf16", 32), ("bf16", 1), ("fp16", 32)), serve_batch=32, serve_clients=(1, 16, 64),
-    serve_seconds=10.0, vae_batch=16, peak_size=8192, sync_channels=64,
+    serve_seconds=10.0, vae_batch=16, peak_size=8192, sync_channels=64, eval_images=500, eval_batch=64, eval_seconds=3.0,
 )
 SMOKE = Sizes(
     preset="tiny.yaml", check_batch=2, train_batches=(2,), train_steps=3, warmup_steps=1, plain_batch=2, plain_steps=0,
     scenes=12, scene_size=64, infer_batches=(1, 2), infer_ms=20.0, graph_batches=(), compile_variants=(), serve_batch=2,
-    serve_clients=(1, 2), serve_seconds=1.5, vae_batch=2, peak_size=256, sync_channels=8, warmup=1, reps=2,
+    serve_clients=(1, 2), serve_seconds=1.5, vae_batch=2, peak_size=256, sync_channels=8, eval_images=8, eval_batch=2,
+    eval_seconds=0.5, warmup=1, reps=2,
 )
 
 
@@ -640,13 +647,16 @@ def iteration_flops(run: Run, config: ModelConfig, vgg_file: Path) -> float:
 
 
 def write_shards(run: Run) -> Path:
+    """The synthetic scenes' training split as shards (written once; stage 8 scores them too)."""
     from train_job.prepare import main as prepare_main
     from train_job.synthetic import write_dataset
 
+    shards = run.tmp / "shards"
+    if (shards / "manifest.json").is_file():
+        return shards
     t0 = time.perf_counter()
     root = run.tmp / "synthetic"
     write_dataset(root, run.sizes.scenes, run.sizes.scene_size, workers=os.cpu_count() or 1)
-    shards = run.tmp / "shards"
     code = prepare_main(["--dataset", "ade20k", "--root", str(root / "ADEChallengeData2016"), "--split", "train",
                          "--out", str(shards), "--workers", str(min(8, os.cpu_count() or 1)), "--no-progress"])
     if code != 0:
@@ -957,6 +967,60 @@ def stage_vae(run: Run) -> None:
 
 
 # ---------------------------------------------------------------------------------------
+# Stage 8: evaluation
+
+
+def stage_evaluation(run: Run, ray: Any | None) -> None:
+    stage = "8 evaluation"
+    print(f"\n== {stage} ==", flush=True)
+    from eval import inception_throughput  # bench/eval.py
+
+    from spade_core.metrics import activations, load_fid_inception
+    from spade_core.testing import random_inception_state
+
+    weights = run.tmp / "inception-random.pth"
+    torch.save(random_inception_state(0), weights)  # same cost as pytorch-fid's file; values not comparable
+    images = torch.randint(0, 256, (run.sizes.eval_batch, 3, 256, 256), generator=torch.Generator().manual_seed(81), dtype=torch.uint8)
+    cpu_model = load_fid_inception(weights, allow_any_inception=True)
+    dev_model = load_fid_inception(weights, device=run.device, allow_any_inception=True)
+    ref = torch.from_numpy(activations([images[:4]], cpu_model, dims=2048, batch_size=4))
+    precisions = ["fp32", "bf16"] if low_precision(run) == "bf16" else ["fp32"]
+    for precision in precisions:
+        with tf32(False):
+            feats = activations([images[:4]], dev_model, dims=2048, batch_size=4, device=run.device, precision=precision)  # type: ignore[arg-type]
+        run.check(stage, f"Inception pool features {precision} vs CPU fp32", relative_error(torch.from_numpy(feats), ref),
+                  TOLERANCE[precision])
+        rate = inception_throughput(weights, False, device=run.device, precision=precision, batch=run.sizes.eval_batch,
+                                    seconds=run.sizes.eval_seconds)
+        run.row(stage, what=f"Inception features {precision}", batch=run.sizes.eval_batch, images_per_s=rate["images_per_s"])
+        print(f"  Inception {precision}, batch {run.sizes.eval_batch}: {rate['images_per_s']:.0f} img/s", flush=True)
+    del cpu_model, dev_model
+    if without_ray(run, stage, ray, part="spade-eval run: "):
+        return
+    from train_job.evaluate import EvalOptions, prepare_evaluation, run_evaluation
+
+    shards = write_shards(run)
+    checkpoint = spade_core.save_checkpoint(trained_like(preset_model(run), discriminator=False), run.tmp / "eval_checkpoint")
+    n = min(run.sizes.eval_images, run.sizes.scenes)
+    plan = prepare_evaluation(EvalOptions(
+        checkpoint=str(checkpoint), data=str(shards), out=str(run.tmp / "eval"), split="train", inception=str(weights),
+        allow_any_inception=True, oracle=True, num_images=n, precision="bf16" if run.cuda else "fp32",
+        device="cuda" if run.cuda else "cpu", batch_size=32 if run.cuda else 2,
+    ))
+    t0 = time.perf_counter()
+    result = run_evaluation(plan, progress=False)
+    wall = time.perf_counter() - t0
+    values = result.metrics["generated"]
+    scores = [values.get("fid"), values.get("kid", {}).get("mean"), values.get("miou")]
+    finite = all(isinstance(v, float) and math.isfinite(v) for v in scores)
+    run.check(stage, "spade-eval run: FID, KID and mIoU computed", 0.0 if finite else math.inf, 0.0)
+    run.row(stage, what="spade-eval run", images=n, wall_s=wall, pipeline_s=result.pipeline_s, metrics_s=result.metrics_s,
+            images_per_s=n / result.pipeline_s, actors=result.ray.get("actors"), device=result.ray.get("device"))
+    print(f"  spade-eval run, {n} images: {wall:.1f} s ({n / result.pipeline_s:.0f} img/s in the pipeline, metrics "
+          f"{result.metrics_s:.1f} s) on {result.ray}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------
 # Profiles: where the time goes, for the goals that were missed
 
 
@@ -1097,13 +1161,13 @@ def print_table(run: Run) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu-smoke", action="store_true", help="every stage at toy sizes on the CPU")
-    parser.add_argument("--stages", default="1,2,3,4,5,6", help="comma-separated stage numbers (default: all)")
+    parser.add_argument("--stages", default="1,2,3,4,5,6,8", help="comma-separated stage numbers (default: all)")
     parser.add_argument("--budget-s", type=float, default=420.0, help="optional measurements stop when this runs out")
     parser.add_argument("--out", help="JSON file (default: $OUT/gpu_check.json, else out/gpu_check.json)")
     args = parser.parse_args(argv)
     stages = {s.strip() for s in args.stages.split(",") if s.strip()}
-    if not stages <= set("123456"):
-        parser.error(f"--stages takes numbers 1..6, got {args.stages!r}")
+    if not stages <= set("1234568"):
+        parser.error(f"--stages takes numbers 1..6 and 8, got {args.stages!r}")
     if not args.cpu_smoke and not torch.cuda.is_available():
         print("error: no CUDA device is visible; run with --cpu-smoke for the CPU rehearsal", file=sys.stderr)
         return 2
@@ -1116,7 +1180,7 @@ def main(argv: list[str] | None = None) -> int:
                   deadline=started + budget, tmp=Path(tmp))
         run.results["machine"] = machine(run)
         print(f"gpu_check: {run.results['machine']}", flush=True)
-        ray = start_ray(run) if stages & {"2", "3", "5"} else None
+        ray = start_ray(run) if stages & {"2", "3", "5", "8"} else None
         plan: list[tuple[str, str, Callable[[], None]]] = [
             ("1", "1 correctness", lambda: stage_correctness(run)),
             ("2", "2 sync BN", lambda: stage_sync_batchnorm(run, ray)),
@@ -1124,6 +1188,7 @@ def main(argv: list[str] | None = None) -> int:
             ("4", "4 inference", lambda: stage_inference(run)),
             ("5", "5 serving", lambda: stage_serving(run, ray)),
             ("6", "6 VAE", lambda: stage_vae(run)),
+            ("8", "8 evaluation", lambda: stage_evaluation(run, ray)),
             ("4", "4 inference", lambda: stage_compiled(run)),  # last: it spends what the budget has left
         ]
         for number, name, fn in plan:

@@ -8,6 +8,7 @@ then a few forward passes in training mode to fill batch-norm and spectral-norm 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -57,7 +58,7 @@ def random_inception_state(
     He-scaled convs and batch-norm statistics near 1. ``layout`` (key -> shape) defaults to
     :class:`~spade_core.metrics.inception.FIDInceptionV3`'s own; tests pass the layout written
     from pytorch-fid's published structure instead. ``calibrate`` (own layout only): the
-    batch-norm statistics are then measured on one batch of smooth random images, as trained
+    batch-norm statistics are then measured on one batch of random images, as trained
     weights' are on their data, so that every layer's output stays near unit scale and the
     pool features are O(1): FID and KID then respond to the images instead of to a few
     exploding channels (uncalibrated, 94 random layers give FIDs in the thousands).
@@ -93,6 +94,15 @@ def _calibrated(state: dict[str, torch.Tensor], g: torch.Generator) -> dict[str,
         if isinstance(m, nn.BatchNorm2d):
             m.reset_running_stats()
             m.momentum = None  # a cumulative average: the batch's own statistics
-    coarse = torch.rand(8, 3, 12, 12, generator=g)  # smooth images, like photos at 299 px
-    model.train()(torch.nn.functional.interpolate(coarse, size=(299, 299), mode="bilinear", align_corners=False))
+    # smooth, blocky (sharp edges) and noisy images: statistics that cover what is scored, so
+    # that no kind of image is amplified layer after layer (calibrated on smooth images alone,
+    # a noisy image's features come out ~100x larger)
+    up = functools.partial(torch.nn.functional.interpolate, size=(299, 299), mode="bilinear", align_corners=False)
+    coarse = torch.rand(16, 3, 12, 12, generator=g)
+    smooth = up(coarse[:4])
+    blocky = torch.nn.functional.interpolate(coarse[4:8], size=(299, 299), mode="nearest")
+    noisy = (up(coarse[8:12]) + 0.25 * torch.randn(4, 3, 299, 299, generator=g)).clamp(0, 1)
+    # flat regions of saturated colours, as an untrained generator draws them
+    saturated = torch.nn.functional.interpolate((coarse[12:] > 0.5).float(), size=(299, 299), mode="nearest")
+    model.train()(torch.cat([smooth, blocky, noisy, saturated]))
     return {k: v.clone() for k, v in model.state_dict().items()}

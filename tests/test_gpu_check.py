@@ -19,7 +19,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import gpu_check  # noqa: E402
 
-STAGES = {"1 correctness", "2 sync BN", "3 training", "4 inference", "5 serving", "6 VAE"}
+STAGES = {"1 correctness", "2 sync BN", "3 training", "4 inference", "5 serving", "6 VAE", "8 evaluation"}
 
 
 def make_run(tmp_path: Path) -> gpu_check.Run:
@@ -93,6 +93,10 @@ def test_cpu_smoke_runs_every_stage_and_writes_the_results(tmp_path: Path) -> No
     serving = stages["5 serving"]["rows"]
     assert [r["clients"] for r in serving] == list(gpu_check.SMOKE.serve_clients)
     assert all(r["requests"] > 0 for r in serving)
+    assert checks["Inception pool features fp32 vs CPU fp32"]["ok"] and checks["spade-eval run: FID, KID and mIoU computed"]["ok"]
+    evaluation = {r["what"]: r for r in stages["8 evaluation"]["rows"]}
+    assert evaluation["Inception features fp32"]["images_per_s"] > 0
+    assert evaluation["spade-eval run"]["images"] == gpu_check.SMOKE.eval_images and evaluation["spade-eval run"]["device"] == "cpu"
     assert {g["goal"].split(" ")[0] for g in results["goals"]} == {"training", "inference", "fast", "serving"}
     assert any(g["goal"].startswith("training data wait") for g in results["goals"])
     profiles = stages["7 profiles"]
