@@ -14,6 +14,7 @@ replica has been idle and fail when a batch has been stuck past the timeout.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 import time
@@ -31,6 +32,8 @@ from spade_core.semantics import label_channels
 from .checkpoints import load_model
 from .images import resize_nearest, resize_rgb
 from .metrics import series
+
+logger = logging.getLogger("ray.serve")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -65,6 +68,7 @@ class _ModelReplica:
         self.options = options
         self.device = pick_device(options["device"])
         self.loaded: Loaded | None = None
+        self.load_error: str | None = None  # the last rollout's failure while an older model serves
         self._lock = threading.Lock()
         self._busy_since: float | None = None
         self._last_ok = 0.0
@@ -80,7 +84,19 @@ class _ModelReplica:
             self._set_batching(user_config["batching"])
         if self.loaded is not None and self.loaded.location == location:
             return
-        loaded = await asyncio.to_thread(self._load, location)
+        try:
+            loaded = await asyncio.to_thread(self._load, location)
+        except Exception as exc:
+            self.metrics["load_failures"].inc(tags={"deployment": self.deployment})
+            if self.loaded is None:
+                raise  # nothing to serve: the replica must not start
+            # A broken rollout (missing file, truncated weights, another architecture) must not
+            # take down a replica that serves: keep the old model, say so in the log and in info().
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""  # torch lists every mismatched tensor
+            self.load_error = f"checkpoint {location[0]} ({location[1]}) failed to load: {type(exc).__name__}: {reason[:300]}"
+            logger.error("%s; still serving %s", self.load_error, self.loaded.identity)
+            return
+        self.load_error = None
         self.loaded = loaded  # the swap: batches that started keep their reference to the old model
         self.metrics["loads"].inc(tags={"deployment": self.deployment})
 
@@ -159,7 +175,7 @@ class SpadeGenerator(_ModelReplica):
         """What the ingress needs to check requests: the model config and checkpoint identity."""
         loaded = self.current()
         return {"config": loaded.model.config.to_dict(), "identity": loaded.identity, "device": self.device,
-                "precision": self.options["precision"], "pid": os.getpid()}
+                "precision": self.options["precision"], "pid": os.getpid(), "load_error": self.load_error}
 
     async def synthesize(self, labels: np.ndarray, z: np.ndarray | None = None, instance: np.ndarray | None = None) -> dict[str, Any]:
         """(H, W) raw label ids (any size) [+ z (z_dim,)] [+ instance ids (H, W)] -> {"image": (H, W, 3) uint8, ...}."""

@@ -12,7 +12,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
@@ -111,10 +111,16 @@ def label_ids(data: bytes, *, field: str, palette: Palette, max_pixels: int) -> 
 
 
 def rgb_image(data: bytes, *, field: str, max_pixels: int) -> np.ndarray:
-    """A style image (PNG / JPEG / WebP) -> (H, W, 3) uint8 RGB."""
+    """A style image (PNG / JPEG / WebP) -> (H, W, 3) uint8 RGB, upright as its EXIF orientation says.
+
+    Animated files give their first frame."""
     im = open_image(data, field=field, allowed=("PNG", "JPEG", "WEBP"), max_pixels=max_pixels)
-    if im.mode not in ("RGB", "RGBA", "L", "LA", "P", "I;16", "I", "CMYK", "YCbCr"):
+    if im.mode not in ("RGB", "RGBA", "L", "LA", "P", "I;16", "I", "CMYK", "YCbCr", "1"):
         raise RequestError(400, f"{field} has an unsupported colour mode {im.mode}")
+    try:
+        im = ImageOps.exif_transpose(im)  # phones store photos sideways with an orientation tag
+    except Exception as exc:  # a malformed EXIF block
+        raise RequestError(400, f"{field} has unreadable EXIF data: {exc}") from exc
     return np.asarray(im.convert("RGB"))
 
 

@@ -19,13 +19,17 @@ import hmac
 import json
 import os
 import time
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import numpy as np
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, StringConstraints
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -50,12 +54,56 @@ from .metrics import series
 
 API_VERSION = "v1"
 MODEL_INFO_TTL_S = 5.0  # how stale the ingress's copy of the model config may get after a swap
+REPLICA_RETRIES = 2  # a request whose replica died is sent again this many times (synthesis is idempotent)
+REPLICA_RETRY_PAUSE_S = 0.2  # times the attempt: Serve's router learns of the death meanwhile
 
 app = FastAPI(
     title="spade-ray",
     version="1.0",
     description="SPADE / GauGAN semantic image synthesis: label map in, photo out.",
 )
+
+
+class ErrorDetail(BaseModel):
+    status: int
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """Every error: ``{"error": {"status": 400, "message": "..."}}``."""
+
+    error: ErrorDetail
+
+
+_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait, when the queue is full", "schema": {"type": "string"}}}
+_ERRORS = {
+    400: "invalid content (not an image, a colour outside the palette, a bad field value)",
+    401: "missing or wrong bearer token (servers with auth)",
+    405: "the route does not take this method",
+    408: "the request took longer than the request timeout",
+    413: "the body or an image is too large",
+    415: "the body is not multipart/form-data, or an image of an unsupported format",
+    422: "a malformed form: a missing or mistyped field",
+    503: "at capacity (queue full; Retry-After says when to retry), not ready, or auth misconfigured",
+}
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for these error statuses, all with the error body's schema."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for code in codes:
+        out[code] = {"model": ErrorBody, "description": _ERRORS[code]}
+        if code == 503:
+            out[code]["headers"] = _RETRY_AFTER
+    return out
+
+
+# What each kind of route can answer besides 200: auth and capacity on /v1, the form's
+# checks on the uploads, 405 everywhere.
+PROBE_ERRORS = errors(405)
+READY_ERRORS = errors(405, 503)
+INFO_ERRORS = errors(401, 405, 408, 503)
+UPLOAD_ERRORS = errors(400, 401, 405, 408, 413, 415, 422, 503)
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -129,6 +177,31 @@ class BodyLimit:
 app.add_middleware(BodyLimit)
 
 
+def _openapi() -> dict[str, Any]:
+    """FastAPI's schema, plus what multipart forms mean that it cannot say itself: a required
+    upload is never empty (FastAPI treats an empty form value as a missing one: 422), and an
+    optional field is left out, never sent as null (a form has no null: "null" is text)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes,
+                             servers=app.servers or None)
+        for body in schema.get("components", {}).get("schemas", {}).values():
+            if not body.get("title", "").startswith("Body_"):  # the multipart forms
+                continue
+            for name, prop in body.get("properties", {}).items():
+                branches = [b for b in prop.get("anyOf", []) if b.get("type") != "null"]
+                if name in body.get("required", []):
+                    for branch in branches:
+                        if branch.get("type") == "string":
+                            branch.setdefault("minLength", 1)
+                if "anyOf" in prop:
+                    prop["anyOf"] = branches
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+app.openapi = _openapi  # type: ignore[method-assign]
+
+
 @app.middleware("http")
 async def _auth_media_type_metrics(request: Request, call_next: Any) -> Response:
     """Bearer auth on /v1 (401), multipart bodies for /v1 POSTs (415), and the request metrics."""
@@ -139,7 +212,7 @@ async def _auth_media_type_metrics(request: Request, call_next: Any) -> Response
     try:
         if settings is not None:
             _check_auth(request, settings)
-        if request.method == "POST" and path.startswith(f"/{API_VERSION}/"):
+        if request.method == "POST" and path in _UPLOAD_ROUTES:
             media = request.headers.get("content-type", "").split(";")[0].strip().lower()
             if media != "multipart/form-data":
                 raise RequestError(415, f"the request body must be multipart/form-data, got {media or 'no Content-Type'}")
@@ -169,15 +242,21 @@ def _check_auth(request: Request, settings: ApiSettings) -> None:
         raise RequestError(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
 
-async def _read(upload: UploadFile | None, field: str) -> bytes | None:
+async def _read(upload: UploadFile | str | None, field: str) -> bytes | None:
     if upload is None:
         return None
-    if isinstance(upload, str):  # a plain form value where a file belongs
-        raise RequestError(422, f"{field} must be a file part (multipart/form-data with a filename)")
+    if isinstance(upload, str):  # a form value without a filename: its text is the content
+        return upload.encode("utf-8", "surrogateescape")
     return await upload.read()
 
 
-_ROUTES = {"/healthz", "/readyz", f"/{API_VERSION}/model", f"/{API_VERSION}/encode", f"/{API_VERSION}/synthesize"}
+# An image field may also come as a form value without a filename: its text is then the
+# content (and is refused as an image if it is not one). Empty, it counts as absent (FastAPI's
+# rule for form values): the schema says so with min_length.
+TextPart = Annotated[str, StringConstraints(min_length=1)]
+
+_UPLOAD_ROUTES = {f"/{API_VERSION}/encode", f"/{API_VERSION}/synthesize"}  # multipart POSTs
+_ROUTES = {"/healthz", "/readyz", f"/{API_VERSION}/model", *_UPLOAD_ROUTES}
 
 
 def _parse_style_code(text: str, z_dim: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -222,46 +301,60 @@ class SpadeIngress:
     async def model_info(self, *, fresh: bool = False) -> dict[str, Any]:
         async with self._info_lock:
             if fresh or self._info is None or time.monotonic() - self._info_time > MODEL_INFO_TTL_S:
-                info = await self._call(self.generator.info.remote(), timeout=30.0)
+                info = await self._call(lambda: self.generator.info.remote(), timeout=30.0)
                 config = ModelConfig.from_dict(info["config"])
                 classes = classes_for(config.labels)
                 self._info = {**info, "model": config, "classes": classes, "palette": Palette(classes.colors)}
                 self._info_time = time.monotonic()
             return self._info
 
-    async def _call(self, response: Any, *, timeout: float) -> Any:
-        """Await a handle call: 503 when the queue is full, 408 past the timeout, 400 for input errors."""
-        try:
-            return await asyncio.wait_for(response, timeout=timeout)
-        except asyncio.TimeoutError as exc:
-            response.cancel()
-            raise RequestError(408, f"the request took longer than {timeout:.0f} s") from exc
-        except BackPressureError as exc:
-            retry = str(self.settings.limits.retry_after_s)
-            raise RequestError(503, "the server is at capacity (queue full); retry later", headers={"Retry-After": retry}) from exc
-        except InputError as exc:
-            raise RequestError(400, str(exc)) from exc
+    async def _call(self, call: Callable[[], Any], *, timeout: float) -> Any:
+        """Await ``call()``, a handle call: 503 when the queue is full, 408 past the timeout, 400
+        for input errors. A replica that dies under the request (killed, node lost) is not the
+        client's fault and the calls are idempotent: the call is sent again, to a live replica,
+        up to REPLICA_RETRIES times within the timeout; then 503 with Retry-After."""
+        deadline = time.monotonic() + timeout
+        retry_after = {"Retry-After": str(self.settings.limits.retry_after_s)}
+        for attempt in range(REPLICA_RETRIES + 1):
+            response = call()
+            try:
+                return await asyncio.wait_for(response, timeout=max(deadline - time.monotonic(), 0.001))
+            except asyncio.TimeoutError as exc:
+                response.cancel()
+                raise RequestError(408, f"the request took longer than {timeout:.0f} s") from exc
+            except BackPressureError as exc:
+                raise RequestError(503, "the server is at capacity (queue full); retry later", headers=retry_after) from exc
+            except InputError as exc:
+                raise RequestError(400, str(exc)) from exc
+            except (RayActorError, ActorUnavailableError) as exc:
+                series()["replica_failures"].inc(tags={"retried": str(attempt < REPLICA_RETRIES).lower()})
+                if attempt == REPLICA_RETRIES or time.monotonic() >= deadline:
+                    raise RequestError(503, f"a model replica failed while serving the request ({type(exc).__name__}); "
+                                            "retry later", headers=retry_after) from exc
+                await asyncio.sleep(REPLICA_RETRY_PAUSE_S * (attempt + 1))
+        raise AssertionError("unreachable")
 
     # --- routes ---------------------------------------------------------------------------
 
-    @app.get("/healthz")
+    @app.get("/healthz", responses=PROBE_ERRORS)
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses={200: {"description": "a generator replica answers"}, **READY_ERRORS})
     async def readyz(self) -> JSONResponse:
         try:
             info = await self.model_info(fresh=True)
         except Exception as exc:  # not ready, whatever the reason: say so, never 500
             return error_response(503, f"not ready: {exc}")
-        return JSONResponse({"status": "ready", "checkpoint": info["identity"]})
+        return JSONResponse({"status": "ready", "checkpoint": info["identity"], "load_error": info.get("load_error")})
 
-    @app.get(f"/{API_VERSION}/model")
+    @app.get(f"/{API_VERSION}/model", responses=INFO_ERRORS)
     async def model(self) -> dict[str, Any]:
         info = await self.model_info()
         config: ModelConfig = info["model"]
         return {
             "checkpoint": info["identity"],
+            "load_error": info.get("load_error"),  # the last rollout's failure, while this checkpoint serves on
             "config": info["config"],
             "input_size": {"height": config.generator.output_size[0], "width": config.generator.output_size[1]},
             "style": {"encoder": self.encoder is not None, "z_dim": config.generator.z_dim},
@@ -275,8 +368,8 @@ class SpadeIngress:
             "formats": sorted(MEDIA_TYPES),
         }
 
-    @app.post(f"/{API_VERSION}/encode")
-    async def encode(self, style: Annotated[UploadFile, File(description="style image: PNG, JPEG or WebP")]) -> dict[str, Any]:
+    @app.post(f"/{API_VERSION}/encode", responses=UPLOAD_ERRORS)
+    async def encode(self, style: Annotated[UploadFile | TextPart, File(description="style image: PNG, JPEG or WebP")]) -> dict[str, Any]:
         data = await _read(style, "style")
         rgb = rgb_image(data, field="style", max_pixels=self.settings.limits.max_pixels)
         out = await self._encode(rgb)
@@ -285,21 +378,31 @@ class SpadeIngress:
     async def _encode(self, rgb: np.ndarray) -> dict[str, Any]:
         if self.encoder is None:
             raise RequestError(400, "this model has no style encoder (it was not trained as a VAE): send no style")
-        return await self._call(self.encoder.encode.remote(rgb), timeout=self.settings.limits.request_timeout_s)
+        return await self._call(lambda: self.encoder.encode.remote(rgb), timeout=self.settings.limits.request_timeout_s)
 
     @app.post(
         f"/{API_VERSION}/synthesize",
         response_class=Response,
-        responses={200: {"content": {t: {} for t in MEDIA_TYPES.values()}, "description": "the image"}},
+        responses={
+            200: {
+                "content": {t: {"schema": {"type": "string", "format": "binary"}} for t in MEDIA_TYPES.values()},
+                "description": "the image",
+                "headers": {
+                    "X-Checkpoint": {"description": "identity of the checkpoint that drew it", "schema": {"type": "string"}},
+                    "X-Batch-Size": {"description": "requests merged into its batch", "schema": {"type": "string"}},
+                },
+            },
+            **UPLOAD_ERRORS,
+        },
     )
     async def synthesize(
         self,
-        labels: Annotated[UploadFile, File(description="label map PNG: single-channel raw ids, or RGB in the palette")],
-        style: Annotated[UploadFile | None, File(description="style image (VAE models): PNG, JPEG or WebP")] = None,
+        labels: Annotated[UploadFile | TextPart, File(description="label map PNG: single-channel raw ids, or RGB in the palette")],
+        style: Annotated[UploadFile | TextPart | None, File(description="style image (VAE models): PNG, JPEG or WebP")] = None,
         style_code: Annotated[str | None, Form(description='JSON: [z...] or {"mu": [...], "logvar": [...]}')] = None,
-        instance: Annotated[UploadFile | None, File(description="instance-id PNG (models with instance edges)")] = None,
-        seed: Annotated[int | None, Form(ge=0, le=2**63 - 1)] = None,
-        format: Annotated[str | None, Form(description="png, jpeg or webp")] = None,  # noqa: A002 - the API's name
+        instance: Annotated[UploadFile | TextPart | None, File(description="instance-id PNG (models with instance edges)")] = None,
+        seed: Annotated[int | None, Form(ge=0, le=2**53 - 1)] = None,  # JSON numbers are exact up to 2**53
+        format: Annotated[str | None, Form(description="png, jpeg or webp (any case)")] = None,  # noqa: A002 - the API's name
         size: Annotated[str | None, Form(description="'WIDTHxHEIGHT', 'original', or absent (the model's)")] = None,
     ) -> Response:
         started = time.monotonic()
@@ -322,14 +425,14 @@ class SpadeIngress:
             raise RequestError(400, "this model needs an instance field (instance-id PNG of the label map's size)")
         z = await self._style_code(config, style, style_code, seed, timeout=limits.request_timeout_s)
         remaining = limits.request_timeout_s - (time.monotonic() - started)
-        result = await self._call(self.generator.synthesize.remote(ids, z, inst), timeout=max(remaining, 0.001))
+        result = await self._call(lambda: self.generator.synthesize.remote(ids, z, inst), timeout=max(remaining, 0.001))
         rgb = resize_rgb(result["image"], out_size)
         body = await asyncio.to_thread(encode_image, rgb, fmt, quality=self.settings.jpeg_quality)
         headers = {"X-Checkpoint": result["identity"], "X-Batch-Size": str(result["batch_size"])}
         return Response(content=body, media_type=MEDIA_TYPES[fmt], headers=headers)
 
     async def _style_code(
-        self, config: ModelConfig, style: UploadFile | None, style_code: str | None, seed: int | None, *, timeout: float
+        self, config: ModelConfig, style: UploadFile | str | None, style_code: str | None, seed: int | None, *, timeout: float
     ) -> np.ndarray | None:
         """z for VAE models: from the style image (mu, or a sample around it with a seed), the
         given code, or N(0, I) from the seed (random without one); None for other models."""

@@ -11,6 +11,8 @@ series, with Ray's ``ray_`` prefix; counters get ``_total``:
 * ``ray_spade_serve_inference_seconds{deployment}`` (histogram: one batch's forward pass)
 * ``ray_spade_serve_replicas{deployment}`` (gauge, 1 per live replica: ``sum by (deployment)``)
 * ``ray_spade_serve_model_loads_total{deployment}`` (checkpoint loads, the first and every swap)
+* ``ray_spade_serve_model_load_failures_total{deployment}`` (new checkpoints that failed to load)
+* ``ray_spade_serve_replica_failures_total{retried}`` (model calls whose replica died: sent again, or 503)
 
 A ``prometheus_client`` metric inside a replica would need an HTTP port per replica
 process; Ray's agent aggregates per node instead.
@@ -50,4 +52,12 @@ def series() -> dict[str, Any]:
         ),
         "replicas": Gauge("spade_serve_replicas", description="Live replicas (1 per replica; sum them)", tag_keys=("deployment",)),
         "loads": Counter("spade_serve_model_loads", description="Checkpoint loads (start-up and swaps)", tag_keys=("deployment",)),
+        "load_failures": Counter(
+            "spade_serve_model_load_failures", description="Checkpoints that failed to load (the old model kept serving)",
+            tag_keys=("deployment",),
+        ),
+        "replica_failures": Counter(
+            "spade_serve_replica_failures", description="Model calls whose replica died under them (retried: sent again)",
+            tag_keys=("retried",),
+        ),
     }

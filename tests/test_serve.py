@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import socket
+import sys
 import threading
 import time
 import urllib.request
@@ -28,6 +29,7 @@ from spade_core.testing import randomize_weights
 pytestmark = pytest.mark.slow
 requests = pytest.importorskip("requests")
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # drills, hostile_images
 TOKEN_ENV = "SPADE_TEST_SERVE_TOKEN"  # set for the whole Ray cluster in conftest.RAY_ENV
 D = DiscriminatorConfig(ndf=8, n_layers=2, num_D=1)
 VAE = ModelConfig(
@@ -256,6 +258,46 @@ def test_bad_input_gets_a_4xx_that_names_the_problem(server, name, files, data, 
     r = post(server["url"] + "/v1/synthesize", body, data=data)
     assert r.status_code == status, r.text
     assert words.lower() in r.json()["error"]["message"].lower()
+
+
+VAE_MAX_PIXELS = 600 * 600  # the "/" app's limits.max_pixels
+
+
+@pytest.mark.parametrize("field", ["labels", "style", "encode"])
+def test_hostile_images_get_a_4xx_naming_the_field_or_a_correct_image(server, field: str) -> None:  # type: ignore[no-untyped-def]
+    """bench/hostile_images.py's corpus on every image field: never a 5xx, never a dead replica."""
+    from drills import hostile_drill
+
+    result = hostile_drill(server["url"], max_pixels=VAE_MAX_PIXELS, fields=(field,))
+    assert result["wrong"] == [], "\n".join(result["wrong"])
+    assert result["healthy_after"] and not any(status.startswith("5") for status in result["statuses"])
+    assert post(server["url"] + "/v1/synthesize", {"labels": png(labels_map())}).status_code == 200
+
+
+def test_fuzzed_api_keeps_its_contract(server) -> None:  # type: ignore[no-untyped-def]
+    """schemathesis, all checks, positive and negative cases, every route of the VAE app (CI-sized)."""
+    from drills import run_schemathesis
+
+    result = run_schemathesis(server["url"], max_examples=150, timeout=300)
+    assert result["returncode"] == 0, result["output"][-6000:]
+    assert result["cases"] >= 300, result["output"][-3000:]
+    assert requests.get(server["url"] + "/readyz", timeout=60).status_code == 200
+    print(result["output"][-1500:])
+
+
+def test_style_images_are_read_upright_by_their_exif_orientation(server) -> None:  # type: ignore[no-untyped-def]
+    from PIL import ImageOps
+
+    rgb = np.random.default_rng(3).integers(0, 256, (40, 64, 3)).astype(np.uint8)
+    image = Image.fromarray(rgb)
+    exif = image.getexif()
+    exif[0x0112] = 6  # stored sideways: display rotated 90 degrees clockwise
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=95, exif=exif)
+    upright = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(buf.getvalue()))).convert("RGB"))
+    assert upright.shape == (64, 40, 3)
+    sideways = post(server["url"] + "/v1/encode", {"style": buf.getvalue()}).json()["mu"]
+    assert sideways == post(server["url"] + "/v1/encode", {"style": png(upright)}).json()["mu"]
 
 
 def test_other_bad_requests_and_the_app_keeps_serving(server) -> None:  # type: ignore[no-untyped-def]

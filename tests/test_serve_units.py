@@ -210,9 +210,9 @@ def test_replica_health_check_probes_an_idle_model_and_fails_a_stuck_batch(tmp_p
             await replica.check_health()
         await replica.reconfigure({"checkpoint": str(tmp_path / "ckpt")})
         await replica.check_health()  # idle: the probe runs a 1-image inference
-        with pytest.raises(ValueError, match="is a checkpoint, not a training run"):
-            await replica.reconfigure({"checkpoint": str(tmp_path / "ckpt"), "select": "best"})
-        assert replica.loaded.location == (str(tmp_path / "ckpt"), "latest")  # a refused change keeps the model
+        await replica.reconfigure({"checkpoint": str(tmp_path / "ckpt"), "select": "best"})  # a broken rollout
+        assert replica.loaded.location == (str(tmp_path / "ckpt"), "latest")  # the old model keeps serving
+        assert "is a checkpoint, not a training run" in (await replica.info())["load_error"]
         replica._busy_since = time.monotonic() - 1.0
         with pytest.raises(RuntimeError, match="running for more than 0.5 s"):
             await replica.check_health()

@@ -1,0 +1,462 @@
+"""Reliability drills against a running spade-serve on 127.0.0.1, each with its figures.
+
+    python bench/drills.py fuzz [--cases 5000]        # schemathesis, all checks, every route
+    python bench/drills.py hostile                    # bench/hostile_images.py on every image field
+    python bench/drills.py kill-replica [--replicas 1] [--clients 4] [--seconds 30]
+    python bench/drills.py all
+
+Every drill starts its own local Ray and Serve app (tiny random-weight checkpoints: the
+drills exercise the system, not the model), bounds its requests and its duration, and prints
+what it sent, what failed, and what recovered. tests/test_drills.py and tests/test_serve.py
+run CI-sized versions of the same functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "bench")]
+
+import numpy as np  # noqa: E402
+
+import spade_core  # noqa: E402
+from spade_core.config import EncoderConfig, GeneratorConfig, LabelConfig, ModelConfig, SpadeConfig  # noqa: E402
+from spade_core.testing import randomize_weights  # noqa: E402
+
+SCHEMATHESIS_CONFIG = REPO / "tests" / "schemathesis.toml"
+VAE = ModelConfig(
+    labels=LabelConfig(label_nc=12),
+    generator=GeneratorConfig(ngf=8, crop_size=64, z_dim=16, spade=SpadeConfig(hidden=16)),
+    encoder=EncoderConfig(ndf=8, z_dim=16, input_size=64),
+)
+
+
+# ---------------------------------------------------------------------------------------
+# The app under drill
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_checkpoint(config: ModelConfig, path: Path, *, seed: int = 0) -> Path:
+    model = randomize_weights(spade_core.build_model(config, discriminator=False, seed=seed), seed=seed + 1)
+    return spade_core.save_checkpoint(model, path)
+
+
+def deploy(args: dict[str, Any], *, name: str = "drill", deployments: list[dict[str, Any]] | None = None,
+           timeout: float = 240.0) -> None:
+    """Deploy the app as ``serve deploy`` does (declaratively: a later change of only a
+    deployment's user_config reconfigures its running replicas) and wait until it runs."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    app = {"name": name, "route_prefix": "/", "import_path": "serve_app.app:build_app", "args": args}
+    if deployments:
+        app["deployments"] = deployments
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate({"applications": [app]}), _blocking=False)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = serve.status().applications.get(name)
+        if status is not None and status.status == "RUNNING" and not deployments:
+            return
+        if status is not None and deployments and all(
+                d.status == "HEALTHY" for d in status.deployments.values()) and status.status == "RUNNING":
+            return
+        if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            raise RuntimeError(f"app {name} {status.status}: {status.message}")
+        time.sleep(0.5)
+    raise RuntimeError(f"app {name} not running after {timeout:.0f} s")
+
+
+@contextlib.contextmanager
+def running_app(args: dict[str, Any], *, name: str = "drill") -> Iterator[str]:
+    """``serve_app`` with these ServeConfig args on the running Ray, at a fresh loopback port; yields its base URL."""
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    deploy(args, name=name)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+
+
+@contextlib.contextmanager
+def local_ray(num_cpus: int | None = None) -> Iterator[None]:
+    import ray
+
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def png(array: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def label_png(seed: int = 0, size: int = 64, classes: int = 12) -> bytes:
+    rng = np.random.default_rng(seed)
+    return png(np.kron(rng.integers(0, classes, (size // 8, size // 8)), np.ones((8, 8))).astype(np.uint8))
+
+
+# ---------------------------------------------------------------------------------------
+# Fuzzing
+
+
+def run_schemathesis(base: str, *, max_examples: int, seed: int = 1, timeout: float = 600.0, workers: int = 1) -> dict[str, Any]:
+    """``st run`` with every check against ``base``/openapi.json: return code, output, and the
+    counts from its JSON report (cases, failures by check)."""
+    st = shutil.which("st", path=str(Path(sys.executable).parent)) or shutil.which("st")
+    if st is None:
+        raise RuntimeError("schemathesis is not installed: pip install -e '.[test]'")
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.json"
+        proc = subprocess.run(
+            [st, "--config-file", str(SCHEMATHESIS_CONFIG), "run", f"{base}/openapi.json", "--url", base, "--checks", "all",
+             "--max-examples", str(max_examples), "--seed", str(seed), "--no-shrink", "--continue-on-failure",
+             "--workers", str(workers), "--request-timeout", "60", "--report", "json", "--report-json-path", str(report)],
+            capture_output=True, text=True, timeout=timeout, cwd=tmp,
+        )
+        data = json.loads(report.read_text()) if report.exists() else {}
+    output = proc.stdout + proc.stderr
+    counts = re.search(r"(\d+) generated, (\d+) (?:passed|found)", output)
+    return {"returncode": proc.returncode, "output": output, "report": data,
+            "cases": int(counts.group(1)) if counts else 0}
+
+
+# ---------------------------------------------------------------------------------------
+# Hostile images
+
+IMAGE_FIELDS = {"labels": ("/v1/synthesize", "labels"), "style": ("/v1/synthesize", "style"), "encode": ("/v1/encode", "style")}
+
+
+def hostile_drill(base: str, *, max_pixels: int, fields: tuple[str, ...] = tuple(IMAGE_FIELDS), z_dim: int = 16,
+                  output_shape: tuple[int, int, int] = (64, 64, 3)) -> dict[str, Any]:
+    """Every corpus entry on every image field; the answers a correct server may not give."""
+    import io
+
+    import requests
+    from PIL import Image
+
+    from hostile_images import corpus
+
+    wrong: list[str] = []
+    statuses: dict[str, int] = {}
+    sent = 0
+    for field_name in fields:
+        route, part = IMAGE_FIELDS[field_name]
+        for h in corpus(max_pixels=max_pixels):
+            files = {part: (h.filename, h.data, h.content_type)}
+            if field_name == "style":
+                files["labels"] = ("labels.png", label_png(), "image/png")
+            r = requests.post(base + route, files=files, timeout=120)
+            sent += 1
+            statuses[str(r.status_code)] = statuses.get(str(r.status_code), 0) + 1
+            allowed = h.label if field_name == "labels" else h.style
+            if r.status_code == 200:
+                good = "ok" in allowed and (
+                    len(r.json()["mu"]) == z_dim if route == "/v1/encode"
+                    else np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB")).shape == output_shape)
+            else:
+                good = r.status_code in allowed and part in r.json()["error"]["message"]
+            if not good:
+                wrong.append(f"{field_name} <- {h.name}: {r.status_code} {r.text[:160]!r} (allowed: {sorted(map(str, allowed))})")
+    healthy = requests.get(base + "/readyz", timeout=60).status_code == 200
+    return {"sent": sent, "statuses": statuses, "wrong": wrong, "healthy_after": healthy}
+
+
+# ---------------------------------------------------------------------------------------
+# Load: closed-loop clients, every answer recorded
+
+
+@dataclass
+class Answer:
+    sent: float  # seconds since the load started
+    latency: float
+    status: int  # 0: no HTTP answer (connection refused or reset)
+    retry_after: str | None = None
+
+
+@dataclass
+class Load:
+    """``clients`` threads each POSTing a label map and waiting for the answer, until stopped."""
+
+    url: str
+    clients: int
+    backoff: bool = False  # a client that got no answer / a 503 retries with exponential backoff
+    answers: list[Answer] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __enter__(self) -> Load:
+        self.started = time.monotonic()
+        for i in range(self.clients):
+            t = threading.Thread(target=self._client, args=(i,), daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=120)
+
+    def _client(self, i: int) -> None:
+        import requests
+
+        body = label_png(seed=i)
+        session = requests.Session()
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            try:
+                r = session.post(self.url, files={"labels": ("labels.png", body, "image/png")}, timeout=120)
+                answer = Answer(t0 - self.started, time.monotonic() - t0, r.status_code, r.headers.get("Retry-After"))
+            except requests.RequestException:
+                answer = Answer(t0 - self.started, time.monotonic() - t0, 0)
+                session = requests.Session()
+            with self._lock:
+                self.answers.append(answer)
+            if self.backoff and answer.status in (0, 503):
+                self._stop.wait(min(2.0, 0.1 * 2 ** sum(1 for a in self.answers[-8:] if a.status in (0, 503))))
+
+    def now(self) -> float:
+        return time.monotonic() - self.started
+
+
+def p50(values: list[float]) -> float:
+    return float(np.median(values)) if values else float("nan")
+
+
+def statuses(answers: list[Answer]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for a in answers:
+        out[str(a.status)] = out.get(str(a.status), 0) + 1
+    return dict(sorted(out.items()))
+
+
+# ---------------------------------------------------------------------------------------
+# Faults
+
+
+def replica_names(deployment: str, app: str = "drill") -> list[str]:
+    """The named Serve replica actors of ``deployment`` (GCS's list: needs no dashboard)."""
+    import ray
+
+    prefix = f"SERVE_REPLICA::{app}#{deployment}#"
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["namespace"] == "serve" and a["name"].startswith(prefix))
+
+
+def running_replicas(deployment: str, app: str = "drill") -> int:
+    from ray import serve
+
+    status = serve.status().applications[app].deployments[deployment]
+    return int(status.replica_states.get("RUNNING", 0))
+
+
+def kill_replica_drill(base: str, *, replicas: int, clients: int, seconds: float, kill_at: float) -> dict[str, Any]:
+    """Kill one generator replica ``kill_at`` seconds into ``seconds`` of closed-loop load."""
+    import ray
+
+    recovered_at = None
+    with Load(base + "/v1/synthesize", clients) as load:
+        while load.now() < kill_at:
+            time.sleep(0.1)
+        before = replica_names("SpadeGenerator")
+        ray.kill(ray.get_actor(before[0], namespace="serve"), no_restart=True)
+        killed_at = load.now()
+        while load.now() < seconds:
+            if recovered_at is None:  # recovered: a new replica replaced the victim and runs
+                names = replica_names("SpadeGenerator")
+                if set(names) - set(before) and len(names) >= replicas and running_replicas("SpadeGenerator") >= replicas:
+                    recovered_at = load.now()
+            time.sleep(0.2)
+    answers = load.answers
+    before = [a.latency for a in answers if a.sent < killed_at and a.status == 200]
+    after = [a.latency for a in answers if recovered_at is not None and a.sent > recovered_at + 2.0 and a.status == 200]
+    bad = [a for a in answers if a.status != 200]
+    return {
+        "replicas": replicas, "clients": clients, "sent": len(answers), "statuses": statuses(answers),
+        "non_200": len(bad), "non_200_share": len(bad) / max(len(answers), 1),
+        "server_errors": sum(1 for a in answers if a.status >= 500 and a.status != 503),
+        "503_without_retry_after": sum(1 for a in answers if a.status == 503 and not a.retry_after),
+        "killed_at_s": killed_at, "recovered_after_s": None if recovered_at is None else recovered_at - killed_at,
+        "p50_before_ms": 1e3 * p50(before), "p50_after_recovery_ms": 1e3 * p50(after),
+    }
+
+
+def broken_checkpoints(good: Path, root: Path) -> dict[str, Path]:
+    """Checkpoints a rollout could bring: one with a file missing, one truncated, another architecture."""
+    from safetensors.torch import load_file
+
+    out: dict[str, Path] = {}
+    missing = shutil.copytree(good, root / "missing_file")
+    (missing / "generator.safetensors").unlink()
+    out["missing generator.safetensors"] = missing
+    truncated = shutil.copytree(good, root / "truncated")
+    data = (truncated / "generator.safetensors").read_bytes()
+    (truncated / "generator.safetensors").write_bytes(data[: len(data) // 2])
+    out["truncated safetensors"] = truncated
+    other = shutil.copytree(good, root / "other_architecture")
+    config = json.loads((other / "config.json").read_text())
+    config["model"]["generator"]["ngf"] = 2 * config["model"]["generator"]["ngf"]  # the weights no longer fit
+    (other / "config.json").write_text(json.dumps(config))
+    assert load_file(str(other / "generator.safetensors"))  # same weights, another config
+    out["another architecture"] = other
+    out["no such directory"] = root / "absent"
+    return out
+
+
+def broken_rollout_drill(base: str, args: dict[str, Any], *, clients: int, tmp: Path, settle_s: float = 30.0) -> dict[str, Any]:
+    """Roll each broken checkpoint out through the generator's user_config under load."""
+    import requests
+
+    identity = requests.get(base + "/v1/model", timeout=60).json()["checkpoint"]
+    rollouts: list[dict[str, Any]] = []
+    with Load(base + "/v1/synthesize", clients) as load:
+        time.sleep(2.0)
+        for what, path in broken_checkpoints(Path(args["checkpoint"]), tmp).items():
+            deploy(args, deployments=[{"name": "SpadeGenerator", "user_config": {"checkpoint": str(path)}}], timeout=120)
+            deadline = time.monotonic() + settle_s
+            while True:  # until the replica reports this rollout's failure (the ingress caches /v1/model for 5 s)
+                info = requests.get(base + "/readyz", timeout=60).json()
+                if str(path) in (info.get("load_error") or "") or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+            rollouts.append({"checkpoint": what, "still_serving": info["checkpoint"] == identity,
+                             "reported": info.get("load_error") if str(path) in (info.get("load_error") or "") else None})
+        deploy(args, deployments=[{"name": "SpadeGenerator", "user_config": {"checkpoint": args["checkpoint"]}}], timeout=120)
+        time.sleep(2.0)
+    answers = load.answers
+    return {"sent": len(answers), "statuses": statuses(answers), "non_200": sum(a.status != 200 for a in answers),
+            "rollouts": rollouts}
+
+
+def print_kill(result: dict[str, Any]) -> None:
+    print(f"kill a generator replica ({result['replicas']} replica(s), {result['clients']} clients): {result['sent']} requests, "
+          f"statuses {result['statuses']}, non-200 {result['non_200_share']:.2%}, server errors {result['server_errors']}; "
+          f"replaced after {result['recovered_after_s'] if result['recovered_after_s'] is None else round(result['recovered_after_s'], 1)} s; "
+          f"p50 {result['p50_before_ms']:.0f} ms before, {result['p50_after_recovery_ms']:.0f} ms after")
+
+
+def kill_ok(result: dict[str, Any]) -> bool:
+    return (result["server_errors"] == 0 and result["503_without_retry_after"] == 0 and result["non_200_share"] <= 0.01
+            and result["recovered_after_s"] is not None
+            and result["p50_after_recovery_ms"] <= 1.5 * result["p50_before_ms"] + 50)
+
+
+def plain_app(root: Path, *, replicas: int = 1, **overrides: Any) -> dict[str, Any]:
+    config = ModelConfig(labels=LabelConfig(label_nc=12), generator=GeneratorConfig(ngf=8, crop_size=64, spade=SpadeConfig(hidden=16)))
+    checkpoint = write_checkpoint(config, root / "plain")
+    fixed = {"min_replicas": replicas, "max_replicas": replicas}
+    return {"checkpoint": str(checkpoint), "ingress": {"num_cpus": 0.1},
+            "generator": {"num_cpus": 0.2, "autoscaling": fixed, "max_ongoing_requests": 16},
+            "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.01}, **overrides}
+
+
+# ---------------------------------------------------------------------------------------
+# The command line
+
+
+def vae_app(root: Path, **overrides: Any) -> dict[str, Any]:
+    checkpoint = write_checkpoint(VAE, root / "vae")
+    return {"checkpoint": str(checkpoint), "generator": {"num_cpus": 0.2}, "encoder": {"num_cpus": 0.2},
+            "ingress": {"num_cpus": 0.1}, "limits": {"max_pixels": 600 * 600}, **overrides}
+
+
+def drill_fuzz(args: argparse.Namespace) -> bool:
+    per_route = max(1, args.cases // 10)  # 5 routes x positive and negative phases
+    with tempfile.TemporaryDirectory() as tmp, local_ray(), running_app(vae_app(Path(tmp))) as base:
+        t0 = time.monotonic()
+        result = run_schemathesis(base, max_examples=per_route, timeout=3600, workers=2)
+        print(result["output"][-4000:])
+        import requests
+
+        healthy = requests.get(base + "/readyz", timeout=60).status_code == 200
+    print(f"fuzz: {time.monotonic() - t0:.0f} s, exit {result['returncode']}, healthy afterwards: {healthy}")
+    return result["returncode"] == 0 and healthy
+
+
+def drill_hostile(args: argparse.Namespace) -> bool:
+    with tempfile.TemporaryDirectory() as tmp, local_ray(), running_app(vae_app(Path(tmp))) as base:
+        result = hostile_drill(base, max_pixels=600 * 600)
+    print(f"hostile images: {result['sent']} sent, statuses {result['statuses']}, {len(result['wrong'])} wrong, "
+          f"healthy afterwards: {result['healthy_after']}")
+    for line in result["wrong"]:
+        print(f"  {line}")
+    return not result["wrong"] and result["healthy_after"]
+
+
+def drill_kill_replica(args: argparse.Namespace) -> bool:
+    ok = True
+    for replicas in args.replicas:
+        with tempfile.TemporaryDirectory() as tmp, local_ray(), running_app(plain_app(Path(tmp), replicas=replicas)) as base:
+            result = kill_replica_drill(base, replicas=replicas, clients=args.clients, seconds=args.seconds, kill_at=args.seconds / 3)
+        print_kill(result)
+        ok = ok and kill_ok(result)
+    return ok
+
+
+def drill_broken_rollout(args: argparse.Namespace) -> bool:
+    with tempfile.TemporaryDirectory() as tmp, local_ray():
+        app_args = plain_app(Path(tmp), replicas=1)
+        with running_app(app_args) as base:
+            result = broken_rollout_drill(base, app_args, clients=args.clients, tmp=Path(tmp))
+    print(f"broken checkpoint rollouts under load: {result['sent']} requests, statuses {result['statuses']}")
+    for r in result["rollouts"]:
+        print(f"  {r['checkpoint']:32s} old model still serving: {r['still_serving']}; reported: {str(r['reported'])[:110]}")
+    return result["non_200"] == 0 and all(r["still_serving"] and r["reported"] for r in result["rollouts"])
+
+
+DRILLS = {"fuzz": drill_fuzz, "hostile": drill_hostile, "kill-replica": drill_kill_replica, "broken-rollout": drill_broken_rollout}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("drill", choices=[*DRILLS, "all"])
+    parser.add_argument("--cases", type=int, default=5000, help="fuzz: schemathesis cases in all (about)")
+    parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2], help="kill-replica: generator replicas (each a run)")
+    parser.add_argument("--clients", type=int, default=4, help="kill-replica: concurrent clients")
+    parser.add_argument("--seconds", type=float, default=45.0, help="kill-replica: load duration (the kill at a third)")
+    args = parser.parse_args(argv)
+    chosen = list(DRILLS) if args.drill == "all" else [args.drill]
+    results = {name: DRILLS[name](args) for name in chosen}
+    print("\n" + "\n".join(f"{name:14s} {'ok' if ok else 'FAILED'}" for name, ok in results.items()))
+    return 0 if all(results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
