@@ -187,6 +187,9 @@ def test_spade_serve_refuses_a_bad_checkpoint_before_starting_ray(tmp_path: Path
 
     assert main(["--checkpoint", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    spade_core.save_checkpoint(spade_core.build_model(TINY, discriminator=False, seed=0), tmp_path / "run" / "checkpoint_2026-01-01_00-00-00.000000")
+    assert main(["--checkpoint", str(tmp_path / "run"), "--select", "best"]) == 2
+    assert "has no best.json" in capsys.readouterr().err
     assert main(["--checkpoint", str(tmp_path), "--set", "batching.max_batch_size=0"]) == 2
     assert "batching.max_batch_size must be >= 1" in capsys.readouterr().err
 
