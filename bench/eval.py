@@ -181,8 +181,9 @@ def main() -> None:
         if {"run", "training"} & set(parts):
             config = model_config(args.model)
             size = config.generator.output_size[0] if "run" in parts else 64
-            print(f"\nwriting {args.images} synthetic validation scenes ({size}x{size}) + 400 training scenes ...", flush=True)
-            shards = write_split(tmp, n_train=400, n_val=max(args.images, 64), size=size)
+            n_val = max(args.images, 64) if "run" in parts else 64  # part 3 scores 64
+            print(f"\nwriting {n_val} synthetic validation scenes ({size}x{size}) + 400 training scenes ...", flush=True)
+            shards = write_split(tmp, n_train=400, n_val=n_val, size=size)
             if "run" in parts:
                 print(f"\n== 2. spade-eval run: {args.images} images, {args.model} model, FID + KID + oracle mIoU ==", flush=True)
                 r = eval_run(shards, weights, official, config=config, images=args.images, device=args.device, tmp=tmp)
