@@ -3,6 +3,8 @@
     python bench/drills.py fuzz [--cases 5000]        # schemathesis, all checks, every route
     python bench/drills.py hostile                    # bench/hostile_images.py on every image field
     python bench/drills.py kill-replica [--replicas 1] [--clients 4] [--seconds 30]
+    python bench/drills.py broken-rollout             # broken checkpoints through user_config, under load
+    python bench/drills.py kill-controller            # the Serve controller killed under load
     python bench/drills.py all
 
 Every drill starts its own local Ray and Serve app (tiny random-weight checkpoints: the
@@ -365,6 +367,31 @@ def broken_rollout_drill(base: str, args: dict[str, Any], *, clients: int, tmp: 
             "rollouts": rollouts}
 
 
+def kill_controller_drill(base: str, *, clients: int, seconds: float, kill_at: float) -> dict[str, Any]:
+    """Kill the Serve controller under load: the proxy and replicas serve on while Ray restarts it."""
+    import ray
+    from ray import serve
+
+    restarted_at = None
+    with Load(base + "/v1/synthesize", clients) as load:
+        while load.now() < kill_at:
+            time.sleep(0.1)
+        controller = ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
+        ray.kill(controller, no_restart=False)  # Serve's controller is restartable: Ray brings it back
+        killed_at = load.now()
+        while load.now() < seconds:
+            if restarted_at is None:
+                with contextlib.suppress(Exception):
+                    if serve.status().applications["drill"].status == "RUNNING":
+                        restarted_at = load.now()
+            time.sleep(0.5)
+    answers = load.answers
+    during = [a for a in answers if killed_at <= a.sent <= (restarted_at or seconds)]
+    return {"clients": clients, "sent": len(answers), "statuses": statuses(answers), "sent_while_down": len(during),
+            "non_200_while_down": sum(a.status != 200 for a in during), "non_200": sum(a.status != 200 for a in answers),
+            "restarted_after_s": None if restarted_at is None else restarted_at - killed_at}
+
+
 def print_kill(result: dict[str, Any]) -> None:
     print(f"kill a generator replica ({result['replicas']} replica(s), {result['clients']} clients): {result['sent']} requests, "
           f"statuses {result['statuses']}, non-200 {result['non_200_share']:.2%}, server errors {result['server_errors']}; "
@@ -452,7 +479,17 @@ def drill_broken_rollout(args: argparse.Namespace) -> bool:
     return result["non_200"] == 0 and all(r["still_serving"] and r["reported"] for r in result["rollouts"])
 
 
-DRILLS = {"fuzz": drill_fuzz, "hostile": drill_hostile, "kill-replica": drill_kill_replica, "broken-rollout": drill_broken_rollout}
+def drill_kill_controller(args: argparse.Namespace) -> bool:
+    with tempfile.TemporaryDirectory() as tmp, local_ray(), running_app(plain_app(Path(tmp), replicas=1)) as base:
+        result = kill_controller_drill(base, clients=args.clients, seconds=args.seconds, kill_at=args.seconds / 3)
+    print(f"kill the Serve controller ({result['clients']} clients): {result['sent']} requests, statuses {result['statuses']}; "
+          f"{result['sent_while_down']} sent while it was down, {result['non_200_while_down']} of them not 200; "
+          f"the app reported RUNNING again after {result['restarted_after_s']} s")
+    return result["non_200"] == 0 and result["restarted_after_s"] is not None
+
+
+DRILLS = {"fuzz": drill_fuzz, "hostile": drill_hostile, "kill-replica": drill_kill_replica, "broken-rollout": drill_broken_rollout,
+          "kill-controller": drill_kill_controller}
 
 
 def main(argv: list[str] | None = None) -> int:

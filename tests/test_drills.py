@@ -44,3 +44,11 @@ def test_a_broken_checkpoint_rollout_keeps_the_old_model_serving(plain, tmp_path
     assert result["non_200"] == 0, result
     for rollout in result["rollouts"]:
         assert rollout["still_serving"] and rollout["reported"], rollout
+
+
+def test_requests_are_served_while_the_serve_controller_restarts(plain) -> None:  # type: ignore[no-untyped-def]
+    base, _ = plain
+    result = drills.kill_controller_drill(base, clients=4, seconds=18.0, kill_at=6.0)
+    print(result)
+    assert result["restarted_after_s"] is not None, result
+    assert result["sent_while_down"] > 0 and result["non_200"] == 0, result
