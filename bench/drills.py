@@ -5,6 +5,7 @@
     python bench/drills.py kill-replica [--replicas 1] [--clients 4] [--seconds 30]
     python bench/drills.py broken-rollout             # broken checkpoints through user_config, under load
     python bench/drills.py kill-controller            # the Serve controller killed under load
+    python bench/drills.py kill-proxy                 # the HTTP proxy killed; clients retry with backoff
     python bench/drills.py all
 
 Every drill starts its own local Ray and Serve app (tiny random-weight checkpoints: the
@@ -208,6 +209,7 @@ class Answer:
     latency: float
     status: int  # 0: no HTTP answer (connection refused or reset)
     retry_after: str | None = None
+    client: int = 0
 
 
 @dataclass
@@ -245,9 +247,9 @@ class Load:
             t0 = time.monotonic()
             try:
                 r = session.post(self.url, files={"labels": ("labels.png", body, "image/png")}, timeout=120)
-                answer = Answer(t0 - self.started, time.monotonic() - t0, r.status_code, r.headers.get("Retry-After"))
+                answer = Answer(t0 - self.started, time.monotonic() - t0, r.status_code, r.headers.get("Retry-After"), i)
             except requests.RequestException:
-                answer = Answer(t0 - self.started, time.monotonic() - t0, 0)
+                answer = Answer(t0 - self.started, time.monotonic() - t0, 0, None, i)
                 session = requests.Session()
             with self._lock:
                 self.answers.append(answer)
@@ -392,6 +394,33 @@ def kill_controller_drill(base: str, *, clients: int, seconds: float, kill_at: f
             "restarted_after_s": None if restarted_at is None else restarted_at - killed_at}
 
 
+def kill_proxy_drill(base: str, *, clients: int, seconds: float, kill_at: float) -> dict[str, Any]:
+    """Kill the HTTP proxy under load from clients that retry with backoff: the outage a
+    client sees, and whether any request was lost (a failed attempt never followed by a 200)."""
+    import ray
+
+    with Load(base + "/v1/synthesize", clients, backoff=True) as load:
+        while load.now() < kill_at:
+            time.sleep(0.1)
+        proxies = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                   if a["namespace"] == "serve" and a["name"].startswith("SERVE_PROXY_ACTOR")]
+        ray.kill(ray.get_actor(proxies[0], namespace="serve"), no_restart=True)  # the controller starts a new one
+        killed_at = load.now()
+        while load.now() < seconds:
+            time.sleep(0.2)
+    answers = sorted(load.answers, key=lambda a: a.sent)
+    failed = [a for a in answers if a.status != 200]
+    lost = 0
+    for a in failed:  # each failed attempt must be followed by a 200 for the same client
+        if not any(b.client == a.client and b.sent > a.sent and b.status == 200 for b in answers):
+            lost += 1
+    recovered = [a.sent + a.latency for a in answers if a.status == 200 and a.sent > killed_at
+                 and any(f.sent >= killed_at for f in failed)]
+    outage = (min(recovered) - killed_at) if failed and recovered else 0.0
+    return {"clients": clients, "sent": len(answers), "statuses": statuses(answers), "failed_attempts": len(failed),
+            "lost": lost, "outage_s": outage}
+
+
 def print_kill(result: dict[str, Any]) -> None:
     print(f"kill a generator replica ({result['replicas']} replica(s), {result['clients']} clients): {result['sent']} requests, "
           f"statuses {result['statuses']}, non-200 {result['non_200_share']:.2%}, server errors {result['server_errors']}; "
@@ -488,8 +517,16 @@ def drill_kill_controller(args: argparse.Namespace) -> bool:
     return result["non_200"] == 0 and result["restarted_after_s"] is not None
 
 
+def drill_kill_proxy(args: argparse.Namespace) -> bool:
+    with tempfile.TemporaryDirectory() as tmp, local_ray(), running_app(plain_app(Path(tmp), replicas=1)) as base:
+        result = kill_proxy_drill(base, clients=args.clients, seconds=args.seconds, kill_at=args.seconds / 3)
+    print(f"kill the HTTP proxy ({result['clients']} clients retrying with backoff): {result['sent']} attempts, statuses "
+          f"{result['statuses']}; outage {result['outage_s']:.1f} s; {result['lost']} requests lost")
+    return result["lost"] == 0
+
+
 DRILLS = {"fuzz": drill_fuzz, "hostile": drill_hostile, "kill-replica": drill_kill_replica, "broken-rollout": drill_broken_rollout,
-          "kill-controller": drill_kill_controller}
+          "kill-controller": drill_kill_controller, "kill-proxy": drill_kill_proxy}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,3 +52,11 @@ def test_requests_are_served_while_the_serve_controller_restarts(plain) -> None:
     print(result)
     assert result["restarted_after_s"] is not None, result
     assert result["sent_while_down"] > 0 and result["non_200"] == 0, result
+
+
+def test_clients_retrying_with_backoff_lose_nothing_when_the_http_proxy_dies(plain) -> None:  # type: ignore[no-untyped-def]
+    base, _ = plain
+    result = drills.kill_proxy_drill(base, clients=2, seconds=60.0, kill_at=6.0)
+    print(result)
+    assert result["failed_attempts"] > 0, result  # the outage was seen...
+    assert result["lost"] == 0, result  # ...and every failed attempt was followed by a 200
