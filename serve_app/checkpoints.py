@@ -17,9 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import spade_core
-from spade_core.checkpoint import CONFIG_FILE
-from spade_core.nvlabs import NET_FILES
-from spade_core.runs import BEST_DIR, BEST_FILE, CHECKPOINT_PREFIX, Select, checkpoint_in
+from spade_core.runs import BEST_DIR, BEST_FILE, CHECKPOINT_MARKERS, CHECKPOINT_PREFIX, Select, checkpoint_in
 
 CACHE_DIR = Path(os.environ.get("SPADE_SERVE_CACHE", Path(tempfile.gettempdir()) / "spade_serve_cache"))
 
@@ -61,7 +59,7 @@ def _download(uri: str, select: Select) -> Path:
         raise ValueError(f"checkpoint {uri} does not exist")
     entries = fs.get_file_info(pafs.FileSelector(root))
     names = {i.base_name for i in entries}
-    if names & {CONFIG_FILE, "opt.txt", NET_FILES["generator"]}:
+    if names & CHECKPOINT_MARKERS:
         if select == "best":
             raise ValueError(f"{uri} is a checkpoint, not a training run: 'best' chooses among a run's checkpoints")
         return _copy_once(fs, root, cache)

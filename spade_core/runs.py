@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .checkpoint import CONFIG_FILE
-from .nvlabs import is_nvlabs_dir
+from .nvlabs import NET_FILES
 
 Select = Literal["latest", "best"]
 SELECTS: tuple[Select, ...] = ("latest", "best")
@@ -26,9 +26,14 @@ BEST_DIR = "best"
 BEST_FILE = "best.json"
 
 
+# Any of these files makes a folder a checkpoint: ours (config.json) or the reference's
+# (opt.txt, latest_net_G.pth; spade_core.nvlabs.is_nvlabs_dir). Remote listings are read by these names too.
+CHECKPOINT_MARKERS = frozenset({CONFIG_FILE, "opt.txt", NET_FILES["generator"]})
+
+
 def is_checkpoint_dir(path: Path) -> bool:
     """Ours (config.json) or the reference's (latest_net_G.pth + opt.txt)."""
-    return (path / CONFIG_FILE).is_file() or is_nvlabs_dir(path)
+    return any((path / name).is_file() for name in CHECKPOINT_MARKERS)
 
 
 def latest_in_run(run: Path) -> Path | None:
