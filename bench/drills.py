@@ -6,11 +6,15 @@
     python bench/drills.py broken-rollout             # broken checkpoints through user_config, under load
     python bench/drills.py kill-controller            # the Serve controller killed under load
     python bench/drills.py kill-proxy                 # the HTTP proxy killed; clients retry with backoff
+    python bench/drills.py kill-train-driver          # spade-train's driver SIGKILLed mid-run, then rerun
+    python bench/drills.py kill-train-upload          # the rank-0 worker SIGKILLed as it uploads a checkpoint
+    python bench/drills.py kill-prepare [--runs 4]    # train_job.prepare SIGKILLed at random points, rerun
     python bench/drills.py all
 
 Every drill starts its own local Ray and Serve app (tiny random-weight checkpoints: the
 drills exercise the system, not the model), bounds its requests and its duration, and prints
-what it sent, what failed, and what recovered. tests/test_drills.py and tests/test_serve.py
+what it sent, what failed, and what recovered. The training and data drills live in
+bench/drills_train.py. tests/test_drills.py, tests/test_drills_train.py and tests/test_serve.py
 run CI-sized versions of the same functions.
 """
 
@@ -525,8 +529,47 @@ def drill_kill_proxy(args: argparse.Namespace) -> bool:
     return result["lost"] == 0
 
 
+def drill_kill_train_driver(args: argparse.Namespace) -> bool:
+    import drills_train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        r = drills_train.kill_driver_drill(Path(tmp), steps=args.train_steps, kill_after_step=args.train_steps // 2 + 1)
+    print(f"kill the spade-train driver at step {r['killed_at_step']} of {r['steps']}: newest whole checkpoint at step "
+          f"{r['newest_whole_checkpoint_step']}; the rerun resumed at step {r['resumed_at_step']} and ended at step "
+          f"{r['final_step']} (exit {r['rerun_exit']}, {r['rerun_s']:.0f} s); steps logged once each: "
+          f"{r['logged_steps'] == list(range(1, r['steps'] + 1))}; Ray processes still running 20 s after the kill: "
+          f"{[c.split()[0] for c in r['left_running']]}")
+    return bool(r["ok"])
+
+
+def drill_kill_train_upload(args: argparse.Namespace) -> bool:
+    import drills_train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        r = drills_train.kill_uploader_drill(Path(tmp), steps=args.train_steps)
+    print(f"kill the rank-0 worker as it uploads a checkpoint: {r['files_present']} files of it had arrived "
+          f"({r['gap_at_kill'] or 'the upload had finished'}); newest checkpoint for serving meanwhile: {r['newest_while_down']} "
+          f"(partial taken: {r['partial_taken']}); Ray Train resumed at step {r['resumed_at_step']} and ended at step "
+          f"{r['final_step']} (exit {r['exit']}, {r['total_s']:.0f} s in all); partial folder left in the run: {r['partial_left_behind']}")
+    return bool(r["ok"])
+
+
+def drill_kill_prepare(args: argparse.Namespace) -> bool:
+    import drills_train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        r = drills_train.kill_prepare_drill(Path(tmp), runs=args.runs)
+    kills = [k for run in r["runs"] for k in run["kills"]]
+    print(f"kill train_job.prepare ({r['pairs']} pairs, {r['shards']} shards, {r['uninterrupted_s']:.1f} s uninterrupted): "
+          f"{len(r['runs'])} runs, {r['killed']} kills landed mid-work (shards complete at each: "
+          f"{[k['shards_present'] for k in kills if not k['finished_first']]}, {sum(k['temp_files'] for k in kills)} temporary "
+          f"files left by them); reruns identical to the uninterrupted run: {sum(run['identical'] for run in r['runs'])} of {len(r['runs'])}")
+    return bool(r["ok"])
+
+
 DRILLS = {"fuzz": drill_fuzz, "hostile": drill_hostile, "kill-replica": drill_kill_replica, "broken-rollout": drill_broken_rollout,
-          "kill-controller": drill_kill_controller, "kill-proxy": drill_kill_proxy}
+          "kill-controller": drill_kill_controller, "kill-proxy": drill_kill_proxy, "kill-train-driver": drill_kill_train_driver,
+          "kill-train-upload": drill_kill_train_upload, "kill-prepare": drill_kill_prepare}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -536,6 +579,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2], help="kill-replica: generator replicas (each a run)")
     parser.add_argument("--clients", type=int, default=4, help="kill-replica: concurrent clients")
     parser.add_argument("--seconds", type=float, default=45.0, help="kill-replica: load duration (the kill at a third)")
+    parser.add_argument("--train-steps", type=int, default=12, help="kill-train-*: steps of the run (6 per epoch)")
+    parser.add_argument("--runs", type=int, default=4, help="kill-prepare: outputs, each killed 3 times then finished")
     args = parser.parse_args(argv)
     chosen = list(DRILLS) if args.drill == "all" else [args.drill]
     results = {name: DRILLS[name](args) for name in chosen}

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import spade_core
+from spade_core.checkpoint import MANIFEST_FILE, manifest_gaps
 from spade_core.runs import BEST_DIR, BEST_FILE, CHECKPOINT_MARKERS, CHECKPOINT_PREFIX, Select, checkpoint_in
 
 CACHE_DIR = Path(os.environ.get("SPADE_SERVE_CACHE", Path(tempfile.gettempdir()) / "spade_serve_cache"))
@@ -74,7 +75,26 @@ def _download(uri: str, select: Select) -> Path:
     checkpoints = sorted(i.base_name for i in entries if i.type == pafs.FileType.Directory and i.base_name.startswith(CHECKPOINT_PREFIX))
     if not checkpoints:
         raise ValueError(f"{uri} is neither a checkpoint directory nor a training run with {CHECKPOINT_PREFIX}* folders")
-    return _copy_once(fs, f"{root}/{checkpoints[-1]}", cache / checkpoints[-1])
+    gaps = []
+    for name in reversed(checkpoints):  # the newest whole one: an upload cut off by a kill leaves a partial folder
+        gap = _remote_gap(fs, f"{root}/{name}")
+        if gap is None:
+            return _copy_once(fs, f"{root}/{name}", cache / name)
+        gaps.append(f"{name} ({gap})")
+    raise ValueError(f"{uri} has no complete {CHECKPOINT_PREFIX}* folder: {'; '.join(gaps[:3])}")
+
+
+def _remote_gap(fs: Any, folder: str) -> str | None:
+    """spade_core's completeness rule (its manifest against the files' sizes) on a remote folder."""
+    import pyarrow.fs as pafs
+
+    files = [i for i in fs.get_file_info(pafs.FileSelector(folder, recursive=True)) if i.type == pafs.FileType.File]
+    sizes = {i.path[len(folder) + 1:]: i.size for i in files}
+    manifest = None
+    if MANIFEST_FILE in sizes:
+        with fs.open_input_stream(f"{folder}/{MANIFEST_FILE}") as f:
+            manifest = f.read()
+    return manifest_gaps(manifest, sizes)
 
 
 def _digest(data: str | bytes) -> str:

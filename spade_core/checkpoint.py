@@ -6,6 +6,14 @@ Our format is a directory::
     generator.safetensors
     encoder.safetensors        (VAE models)
     discriminator.safetensors  (optional: serving needs none)
+    manifest.json              {"format_version": 1, "files": {relative path: size in bytes}}, written last
+
+The manifest is what makes a copied checkpoint trustworthy: Ray Train uploads a checkpoint
+file by file straight into its final ``checkpoint_*`` folder, so a kill during the upload
+leaves a folder that has a config.json but not all of its weights (or a truncated one).
+:func:`incomplete` compares a folder with its manifest; readers of a run take only folders
+it passes (``spade_core.runs``). Sizes, not hashes: a cut-off copy is always shorter, and
+checking costs one stat per file rather than reading gigabytes.
 
 Loading never unpickles: safetensors for ours, ``torch.load(weights_only=True)`` for the reference's.
 """
@@ -33,6 +41,8 @@ from .init import init_weights
 from .semantics import ClassInfo, classes_for, instance_edges, label_channels, one_hot
 
 CONFIG_FILE = "config.json"
+MANIFEST_FILE = "manifest.json"
+MANIFEST_VERSION = 1
 WEIGHT_FILES = {"generator": "generator.safetensors", "encoder": "encoder.safetensors", "discriminator": "discriminator.safetensors"}
 
 
@@ -224,7 +234,48 @@ def save_checkpoint(model: SpadeModel, path: str | os.PathLike[str], *, include_
         _atomic_write(target, lambda tmp, t=tensors: save_file(t, tmp, metadata={"format": "pt"}))
     text = json.dumps({"format_version": FORMAT_VERSION, "model": model.config.to_dict()}, indent=2)
     _atomic_write(out / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text + "\n"))
+    write_manifest(out)
     return out
+
+
+def write_manifest(path: str | os.PathLike[str]) -> Path:
+    """Record every file under ``path`` with its size, as the last write of a checkpoint
+    (a writer that adds files afterwards, like training's state, writes it again)."""
+    root = Path(path)
+    files = {f.relative_to(root).as_posix(): f.stat().st_size for f in sorted(root.rglob("*"))
+             if f.is_file() and f.name != MANIFEST_FILE and not f.name.startswith(".")}
+    text = json.dumps({"format_version": MANIFEST_VERSION, "files": files}, indent=2)
+    _atomic_write(root / MANIFEST_FILE, lambda tmp: Path(tmp).write_text(text + "\n"))
+    return root / MANIFEST_FILE
+
+
+def manifest_gaps(manifest: bytes | str | None, sizes: dict[str, int]) -> str | None:
+    """Why a checkpoint whose manifest text is ``manifest`` and whose files have ``sizes``
+    (relative path -> bytes) is incomplete, or None when it is whole. Shared by local folders
+    and remote listings (serving reads a run on S3 the same way)."""
+    if manifest is None:
+        return f"no {MANIFEST_FILE} (it is written last: the checkpoint was not finished)"
+    try:
+        data = json.loads(manifest)
+        files = data["files"]
+        if data.get("format_version") != MANIFEST_VERSION or not isinstance(files, dict):
+            raise ValueError("unexpected layout")
+    except (ValueError, KeyError, TypeError) as exc:
+        return f"{MANIFEST_FILE} is unreadable ({exc}): it was cut off while being copied"
+    for name, size in sorted(files.items()):
+        if name not in sizes:
+            return f"{name} is missing"
+        if sizes[name] != size:
+            return f"{name} is {sizes[name]} of its {size} bytes"
+    return None
+
+
+def incomplete(path: str | os.PathLike[str]) -> str | None:
+    """Why the checkpoint folder ``path`` is not whole (see :func:`manifest_gaps`), or None."""
+    root = Path(path)
+    manifest = root / MANIFEST_FILE
+    sizes = {f.relative_to(root).as_posix(): f.stat().st_size for f in root.rglob("*") if f.is_file()}
+    return manifest_gaps(manifest.read_bytes() if manifest.is_file() else None, sizes)
 
 
 def _atomic_write(target: Path, write) -> None:  # type: ignore[no-untyped-def]

@@ -1,6 +1,8 @@
 """A training run directory, as its readers (serving, evaluation) see it.
 
-    RUN_DIR/checkpoint_<time>/   Ray Train's checkpoints; their names sort by time
+    RUN_DIR/checkpoint_<time>/   Ray Train's checkpoints; their names sort by time; a folder
+                                 counts only when its manifest.json says it is whole (a kill
+                                 during an upload leaves a partial one behind)
     RUN_DIR/best/                the best checkpoint by an evaluation metric (checkpoint.best_by)
     RUN_DIR/best.json            what made it best: {"metric", "value", "step", "checkpoint": "best", ...}
 
@@ -16,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from .checkpoint import CONFIG_FILE
+from .checkpoint import CONFIG_FILE, MANIFEST_FILE, incomplete
 from .nvlabs import NET_FILES
 
 Select = Literal["latest", "best"]
@@ -36,10 +38,15 @@ def is_checkpoint_dir(path: Path) -> bool:
     return any((path / name).is_file() for name in CHECKPOINT_MARKERS)
 
 
+def run_checkpoints(run: Path) -> list[tuple[Path, str | None]]:
+    """A run's ``checkpoint_*`` folders, oldest first, each with why it is incomplete (None: whole)."""
+    return [(p, incomplete(p)) for p in sorted(run.glob(f"{CHECKPOINT_PREFIX}*")) if p.is_dir()]
+
+
 def latest_in_run(run: Path) -> Path | None:
-    """The newest complete ``checkpoint_*`` folder of a run, or None."""
-    candidates = sorted(p for p in run.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and is_checkpoint_dir(p))
-    return candidates[-1] if candidates else None
+    """The newest whole ``checkpoint_*`` folder of a run, or None."""
+    whole = [p for p, gap in run_checkpoints(run) if gap is None]
+    return whole[-1] if whole else None
 
 
 def read_best(run: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -68,6 +75,9 @@ def checkpoint_in(location: str | os.PathLike[str], select: Select = "latest") -
     if is_checkpoint_dir(path):
         if select == "best":
             raise ValueError(f"{location} is a checkpoint, not a training run: 'best' chooses among a run's checkpoints")
+        gap = incomplete(path) if (path / MANIFEST_FILE).is_file() else None  # no manifest: NVlabs' or hand-made
+        if gap is not None:
+            raise ValueError(f"checkpoint {location} is incomplete: {gap}")
         return path
     if select == "best":
         record = read_best(path)
@@ -82,6 +92,9 @@ def checkpoint_in(location: str | os.PathLike[str], select: Select = "latest") -
         return best
     latest = latest_in_run(path)
     if latest is None:
+        partial = [f"{p.name} ({gap})" for p, gap in run_checkpoints(path)]
+        if partial:
+            raise ValueError(f"{location} has no complete {CHECKPOINT_PREFIX}* folder: {'; '.join(partial[-3:])}")
         raise ValueError(
             f"{location} is neither a checkpoint directory (config.json + generator.safetensors, or NVlabs' "
             f"latest_net_G.pth + opt.txt) nor a training run with {CHECKPOINT_PREFIX}* folders"

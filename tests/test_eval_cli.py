@@ -173,7 +173,7 @@ def test_run_input_errors_exit_2_before_ray(
         ([*base], "no metric asked for"),
         ([*base, "--oracle", "--data", str(tmp_path)], "prepare the data first"),
         (["run", "--checkpoint", str(other_labels), "--data", str(shards), "--out", str(tmp_path / "o"), "--oracle"], "label_nc 182"),
-        (["run", "--checkpoint", str(no_weights), "--data", str(shards), "--out", str(tmp_path / "o"), "--oracle"], "no generator weights"),
+        (["run", "--checkpoint", str(no_weights), "--data", str(shards), "--out", str(tmp_path / "o"), "--oracle"], "incomplete: generator.safetensors is missing"),
         (["run", "--checkpoint", str(run_dir), "--select", "best", "--data", str(shards), "--out", str(tmp_path / "o"), "--oracle"],
          "has no best.json"),
         ([*base, "--oracle", "--select", "best"], "is a checkpoint, not a training run"),

@@ -36,8 +36,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from spade_core.checkpoint import WEIGHT_FILES, SpadeModel, save_checkpoint
-from spade_core.runs import BEST_DIR, BEST_FILE, read_best
+from spade_core.checkpoint import WEIGHT_FILES, SpadeModel, incomplete, save_checkpoint, write_manifest
+from spade_core.runs import BEST_DIR, BEST_FILE, latest_in_run, read_best
 
 from .config import LOWER_IS_BETTER
 
@@ -86,6 +86,7 @@ def write_training_checkpoint(
         out / STATE_FILE,
     )
     (out / CONFIG_COPY).write_text(json.dumps(train_config, indent=2) + "\n")
+    write_manifest(out)  # last: it now lists the training state too
     return out
 
 
@@ -101,6 +102,9 @@ def read_training_checkpoint(
     if not (path / STATE_FILE).is_file():
         raise ValueError(f"{path} is not a training checkpoint (no {STATE_FILE}); to fine-tune from an exported "
                          "model, load its weights instead")
+    gap = incomplete(path)
+    if gap is not None:
+        raise ValueError(f"{path} is an incomplete checkpoint ({gap}); resume from an earlier one")
     exported = {name: load_file(path / fname) for name, fname in WEIGHT_FILES.items() if (path / fname).is_file()}
     raw_generator = load_file(path / RAW_GENERATOR) if (path / RAW_GENERATOR).is_file() else exported["generator"]
     model.generator.load_state_dict(raw_generator)
@@ -118,6 +122,22 @@ def read_training_checkpoint(
     if scaler is not None and saved["scaler"] is not None:
         scaler.load_state_dict(saved["scaler"])
     return TrainState(**saved["state"])
+
+
+def unrecorded_checkpoint(run_dir: Path, recorded: str | None) -> Path | None:
+    """A whole training checkpoint in ``run_dir`` newer than ``recorded`` (the newest one Ray Train
+    knows of), or None.
+
+    Ray Train records a checkpoint once its controller has handled the report, after the upload.
+    A driver killed in between (the workers outlive it by a moment) leaves a checkpoint that is
+    whole, by its manifest, but unknown to Ray, whose resume would then go back further than
+    needed. The folders' names sort by time, so newer means written later on this run's course."""
+    latest = latest_in_run(run_dir)
+    if latest is None or not (latest / STATE_FILE).is_file():
+        return None
+    if recorded is not None and Path(recorded).name >= latest.name:
+        return None
+    return latest
 
 
 def _tensors(net: nn.Module) -> dict[str, torch.Tensor]:

@@ -23,7 +23,7 @@ import spade_core
 from spade_core.losses import build_vgg_loss
 from spade_core.norms import convert_sync_batchnorm, set_fast_training
 
-from .checkpointing import BestCheckpoint, TrainState, read_training_checkpoint, write_training_checkpoint
+from .checkpointing import BestCheckpoint, TrainState, read_training_checkpoint, unrecorded_checkpoint, write_training_checkpoint
 from .config import TrainConfig
 from .metrics import MetricsLog, Throughput, sample_grid, save_grid, start_prometheus
 from .pipeline import iter_training_batches
@@ -91,7 +91,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     state = TrainState()
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
+    unrecorded = _unrecorded(cfg, checkpoint, rank=rank, distributed=distributed)
+    if unrecorded is not None:
+        state = _resume(unrecorded, model, ema, optimizers, scaler, rank)
+    elif checkpoint is not None:
         # as_directory, not to_directory: every rank reads at once, and to_directory makes
         # them copy into the same temporary folder while others read from it.
         with checkpoint.as_directory() as resume_dir:
@@ -350,10 +353,30 @@ def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+def _unrecorded(cfg: TrainConfig, checkpoint: Any, *, rank: int, distributed: bool) -> Path | None:
+    """Rank 0's look for a whole checkpoint newer than Ray's record (local storage only), shared
+    with every rank so that all resume from the same one."""
+    found = None
+    if rank == 0 and _local_storage(cfg):
+        found = unrecorded_checkpoint(_run_dir(cfg), checkpoint.path if checkpoint is not None else None)
+        if found is not None:
+            print(f"note: {found.name} is whole but was not yet recorded by Ray Train (its driver stopped "
+                  "first): resuming from it", flush=True)
+    if distributed:
+        box = [str(found) if found is not None else None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        found = Path(box[0]) if box[0] is not None else None
+    return found
+
+
+def _local_storage(cfg: TrainConfig) -> bool:
+    return "://" not in cfg.storage.path or cfg.storage.path.startswith("file://")
+
+
 def _run_dir(cfg: TrainConfig) -> Path:
     """Where rank 0 writes metrics.jsonl and samples: the run's folder for local storage,
     else the worker's working directory (Ray's per-run artifacts folder)."""
-    if "://" not in cfg.storage.path or cfg.storage.path.startswith("file://"):
+    if _local_storage(cfg):
         return Path(cfg.storage.path.removeprefix("file://")) / cfg.storage.name
     return Path.cwd()
 

@@ -72,6 +72,14 @@ PROM_EVAL_VALUES = ("fid", "kid", "miou", "pixel_accuracy")
 TENSORBOARD_DIR = "tensorboard"
 
 
+def _step_of(line: str) -> int | None:
+    """A record's step; None for a line a kill cut off."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def _is_loss(key: str) -> bool:
     return key.startswith(("G_", "D_", "KLD"))
 
@@ -83,6 +91,8 @@ class MetricsLog:
     def __init__(self, run_dir: Path, *, prometheus: bool, tensorboard: bool = False, resume_step: int = 0) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "metrics.jsonl"
+        if resume_step > 0:
+            self._drop_after(resume_step)
         self.prometheus = prometheus and bool(_PROM)
         self._last_print = 0.0
         self.writer: Any = None
@@ -96,6 +106,20 @@ class MetricsLog:
                 self.writer = SummaryWriter(
                     str(run_dir / TENSORBOARD_DIR), purge_step=resume_step + 1 if resume_step > 0 else None, flush_secs=30
                 )
+
+    def _drop_after(self, step: int) -> None:
+        """Resumed at ``step``: records of later steps (trained again now) leave the log, as
+        TensorBoard's purge_step hides their events, so each step appears once."""
+        if not self.path.is_file():
+            return
+        lines = self.path.read_text().splitlines()
+        kept = [line for line in lines if (at := _step_of(line)) is not None and at <= step]
+        if len(kept) < len(lines):
+            tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+            tmp.write_text("".join(f"{line}\n" for line in kept))
+            os.replace(tmp, self.path)
+            print(f"metrics.jsonl: dropped {len(lines) - len(kept)} record(s) of steps after {step} (trained again) "
+                  "or cut off", flush=True)
 
     def record(self, record: dict[str, Any], *, images: int, step_seconds: float, data_wait: float) -> None:
         with self.path.open("a") as f:
