@@ -6,6 +6,9 @@
     python bench/drills.py broken-rollout             # broken checkpoints through user_config, under load
     python bench/drills.py kill-controller            # the Serve controller killed under load
     python bench/drills.py kill-proxy                 # the HTTP proxy killed; clients retry with backoff
+    python bench/drills.py load [--load-clients 64] [--load-seconds 300]   # autoscaling 1 -> N, then a full queue
+    python bench/drills.py disconnect                 # clients hang up while queued: no forward pass for them
+    python bench/drills.py hang                       # a replica stops dead mid-batch (SIGSTOP) under load
     python bench/drills.py kill-train-driver          # spade-train's driver SIGKILLed mid-run, then rerun
     python bench/drills.py kill-train-upload          # the rank-0 worker SIGKILLed as it uploads a checkpoint
     python bench/drills.py kill-prepare [--runs 4]    # train_job.prepare SIGKILLed at random points, rerun
@@ -13,8 +16,8 @@
 
 Every drill starts its own local Ray and Serve app (tiny random-weight checkpoints: the
 drills exercise the system, not the model), bounds its requests and its duration, and prints
-what it sent, what failed, and what recovered. The training and data drills live in
-bench/drills_train.py. tests/test_drills.py, tests/test_drills_train.py and tests/test_serve.py
+what it sent, what failed, and what recovered. Load, hang-ups and a hung replica live in
+bench/drills_load.py, the training and data drills in bench/drills_train.py. tests/test_drills.py, tests/test_drills_train.py and tests/test_serve.py
 run CI-sized versions of the same functions.
 """
 
@@ -111,10 +114,18 @@ def running_app(args: dict[str, Any], *, name: str = "drill") -> Iterator[str]:
         serve.shutdown()
 
 
+# Serve's autoscaler reads the request counts replicas and handles push every 10 s by default;
+# the drills (and tests/conftest.py's Ray) push every second, so that scaling follows a
+# 30-second load. Read when Ray starts.
+AUTOSCALING_ENV = {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
+                   "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}
+
+
 @contextlib.contextmanager
 def local_ray(num_cpus: int | None = None) -> Iterator[None]:
     import ray
 
+    os.environ.update(AUTOSCALING_ENV)
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
         yield
@@ -529,6 +540,60 @@ def drill_kill_proxy(args: argparse.Namespace) -> bool:
     return result["lost"] == 0
 
 
+def drill_load(args: argparse.Namespace) -> bool:
+    import drills_load
+
+    with tempfile.TemporaryDirectory() as tmp, local_ray():
+        app_args = drills_load.autoscaling_app(Path(tmp), crop_size=args.crop, max_replicas=args.max_replicas,
+                                               downscale_delay_s=args.downscale_s)
+        with running_app(app_args) as base:
+            r = drills_load.load_drill(base, clients=args.load_clients, seconds=args.load_seconds, cooldown_s=args.downscale_s + 90)
+        drills_load.print_timeline(r)
+        print(f"load: {r['clients']} clients for {r['seconds']:.0f} s on the ADE20K architecture at {args.crop}x{args.crop}: "
+              f"{r['sent']} requests, statuses {r['statuses']}, {r['throughput_per_s']:.1f}/s, p50 {r['p50_ms']:.0f} ms, "
+              f"p99 {r['p99_ms']:.0f} ms; replicas 1 -> {r['peak_replicas']} (at {r['peak_at_s']:.0f} s; metrics endpoint "
+              f"{r['peak_healthy_metric']:.0f}) -> {r['final_replicas']} ({r['scaled_down_after_s']} s after the load)")
+        full_args = {**app_args, "generator": {**app_args["generator"], "max_ongoing_requests": 4, "max_queued_requests": 4,
+                                               "autoscaling": {"min_replicas": 1, "max_replicas": 1}}}
+        with running_app(full_args) as base:
+            q = drills_load.queue_full_drill(base, clients=args.load_clients, seconds=30.0)
+        print(f"queue full: {q['clients']} clients against 1 replica holding 4 + 4 queued: statuses {q['statuses']}, "
+              f"503 without Retry-After {q['503_without_retry_after']}, p50 of a 503 {q['p50_503_ms']:.0f} ms, of a 200 "
+              f"{q['p50_200_ms']:.0f} ms")
+    ok = (r["other_errors"] == 0 and r["503_without_retry_after"] == 0 and r["peak_replicas"] > 1 and r["final_replicas"] == 1
+          and q["503_without_retry_after"] == 0 and q["other"] == 0 and q["statuses"].get("200", 0) > 0)
+    return ok
+
+
+def drill_disconnect(args: argparse.Namespace) -> bool:
+    import drills_load
+
+    with tempfile.TemporaryDirectory() as tmp, local_ray():
+        app_args = drills_load.autoscaling_app(Path(tmp), crop_size=args.crop, max_replicas=1)
+        with running_app(app_args) as base:
+            r = drills_load.disconnect_drill(base, patient=4, impatient=32, hang_up_after_s=1.0, seconds=20.0)
+    print(f"clients hanging up: {r['hung_up']} hung up while queued behind {r['patient_clients']} busy clients; "
+          f"images computed {r['images_computed']:.0f} for {r['answered']} answers ({r['computed_for_hung_up']:.0f} for the "
+          f"hung-up requests); replica dropped {r['cancelled_queued']:.0f} queued, {r['cancelled_running']:.0f} were "
+          f"already computing; ingress counted {r['ingress_499']:.0f} as 499")
+    return r["computed_for_hung_up"] <= 2 * 4 and r["ingress_499"] == r["hung_up"]
+
+
+def drill_hang(args: argparse.Namespace) -> bool:
+    import drills_load
+
+    with tempfile.TemporaryDirectory() as tmp, local_ray():
+        app_args = plain_app(Path(tmp), replicas=2)
+        app_args["generator"].update(health_check_period_s=2.0, health_check_timeout_s=5.0)
+        with running_app(app_args) as base:
+            r = drills_load.hang_drill(base, clients=args.clients, seconds=args.seconds, hang_at=args.seconds / 4)
+    print(f"a replica hangs mid-batch (SIGSTOP, 2 replicas, {r['clients']} clients): {r['sent']} requests, statuses "
+          f"{r['statuses']}; found after {r['found_after_s']} s, replaced after {r['replaced_after_s']} s, its process gone after "
+          f"{r['process_gone_after_s']} s; {r['served_while_hung']} served around it meanwhile; slowest answer "
+          f"{r['max_latency_s']:.1f} s; p50 {r['p50_before_ms']:.0f} ms before, {r['p50_after_ms']:.0f} ms after")
+    return r["server_errors"] == 0 and r["replaced_after_s"] is not None and r["non_200"] <= 0.01 * r["sent"]
+
+
 def drill_kill_train_driver(args: argparse.Namespace) -> bool:
     import drills_train
 
@@ -568,7 +633,8 @@ def drill_kill_prepare(args: argparse.Namespace) -> bool:
 
 
 DRILLS = {"fuzz": drill_fuzz, "hostile": drill_hostile, "kill-replica": drill_kill_replica, "broken-rollout": drill_broken_rollout,
-          "kill-controller": drill_kill_controller, "kill-proxy": drill_kill_proxy, "kill-train-driver": drill_kill_train_driver,
+          "kill-controller": drill_kill_controller, "kill-proxy": drill_kill_proxy, "load": drill_load,
+          "disconnect": drill_disconnect, "hang": drill_hang, "kill-train-driver": drill_kill_train_driver,
           "kill-train-upload": drill_kill_train_upload, "kill-prepare": drill_kill_prepare}
 
 
@@ -579,6 +645,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2], help="kill-replica: generator replicas (each a run)")
     parser.add_argument("--clients", type=int, default=4, help="kill-replica: concurrent clients")
     parser.add_argument("--seconds", type=float, default=45.0, help="kill-replica: load duration (the kill at a third)")
+    parser.add_argument("--load-clients", type=int, default=64, help="load: concurrent clients")
+    parser.add_argument("--load-seconds", type=float, default=300.0, help="load: duration of the load")
+    parser.add_argument("--crop", type=int, default=64, help="load, disconnect: output size of the ADE20K-architecture model")
+    parser.add_argument("--max-replicas", type=int, default=4, help="load: autoscaling's max_replicas")
+    parser.add_argument("--downscale-s", type=float, default=10.0, help="load: autoscaling's downscale_delay_s")
     parser.add_argument("--train-steps", type=int, default=12, help="kill-train-*: steps of the run (6 per epoch)")
     parser.add_argument("--runs", type=int, default=4, help="kill-prepare: outputs, each killed 3 times then finished")
     args = parser.parse_args(argv)

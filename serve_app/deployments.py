@@ -123,6 +123,7 @@ class _ModelReplica:
         """Run ``fn(items)`` in a thread with metrics and stuck-batch tracking."""
         start = time.monotonic()
         for item in items:
+            item.started = start
             self.metrics["queue_wait"].observe(start - item.arrived, tags={"deployment": self.deployment})
         self.metrics["batch_size"].observe(len(items), tags={"deployment": self.deployment})
         self._busy_since = start
@@ -133,6 +134,17 @@ class _ModelReplica:
         self._last_ok = time.monotonic()
         self.metrics["inference"].observe(self._last_ok - start, tags={"deployment": self.deployment})
         return out
+
+    async def batched_or_cancelled(self, item: Any) -> Any:
+        """``await self.batched(item)``, counting a request whose caller went away (a client that
+        hung up: Serve cancels its calls) by whether its batch had started. Serve's batcher
+        leaves cancelled requests out of the next batch, so a "queued" one cost no forward pass."""
+        try:
+            return await self.batched(item)
+        except asyncio.CancelledError:
+            stage = "queued" if item.started is None else "running"
+            self.metrics["cancelled"].inc(tags={"deployment": self.deployment, "stage": stage})
+            raise
 
     def _locked(self, fn: Any, items: list[Any]) -> Any:
         with self._lock, torch.inference_mode():  # one forward pass at a time per replica
@@ -160,6 +172,7 @@ class SynthesisItem:
     z: torch.Tensor | None
     instance: torch.Tensor | None  # (H, W) int64 instance ids at the model's size
     arrived: float
+    started: float | None = None  # when its batch's forward pass began
 
 
 @serve.deployment(name="SpadeGenerator")
@@ -182,7 +195,7 @@ class SpadeGenerator(_ModelReplica):
         arrived = time.monotonic()
         loaded = self.current()
         item = self._check(loaded.model, labels, z, instance, arrived)
-        image, batch_size = await self.batched(item)
+        image, batch_size = await self.batched_or_cancelled(item)
         return {"image": image, "identity": loaded.identity, "batch_size": batch_size}
 
     def _check(self, model: spade_core.SpadeModel, labels: Any, z: Any, instance: Any, arrived: float) -> SynthesisItem:
@@ -247,6 +260,7 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 class StyleItem:
     image: torch.Tensor  # (3, H, W) in [-1, 1]
     arrived: float
+    started: float | None = None
 
 
 @serve.deployment(name="StyleEncoder")
@@ -265,7 +279,7 @@ class StyleEncoder(_ModelReplica):
             raise InputError("style must be an (H, W, 3) uint8 RGB array")
         rgb = resize_rgb(rgb, loaded.model.config.generator.output_size)
         image = torch.from_numpy(np.array(rgb)).permute(2, 0, 1).float() / 127.5 - 1.0
-        mu, logvar = await self.batched(StyleItem(image=image, arrived=arrived))
+        mu, logvar = await self.batched_or_cancelled(StyleItem(image=image, arrived=arrived))
         return {"mu": mu, "logvar": logvar, "identity": loaded.identity}
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)

@@ -219,6 +219,9 @@ async def _auth_media_type_metrics(request: Request, call_next: Any) -> Response
         response = await call_next(request)
     except RequestError as exc:
         response = error_response(exc.status, exc.message, exc.headers)
+    except asyncio.CancelledError:  # the client hung up: Serve cancels the request and its model calls
+        series()["requests"].inc(tags={"route": route, "status": "499"})
+        raise
     metrics = series()
     metrics["requests"].inc(tags={"route": route, "status": str(response.status_code)})
     metrics["latency"].observe(time.monotonic() - started, tags={"route": route})

@@ -13,6 +13,11 @@ series, with Ray's ``ray_`` prefix; counters get ``_total``:
 * ``ray_spade_serve_model_loads_total{deployment}`` (checkpoint loads, the first and every swap)
 * ``ray_spade_serve_model_load_failures_total{deployment}`` (new checkpoints that failed to load)
 * ``ray_spade_serve_replica_failures_total{retried}`` (model calls whose replica died: sent again, or 503)
+* ``ray_spade_serve_cancelled_requests_total{deployment, stage}`` (calls whose client hung up, reaching
+  the replica: ``queued``, left out of the batches, or ``running``, its batch already computing)
+
+A client that hangs up is counted by the ingress as ``requests_total{status="499"}`` (nginx's
+code for it; the client never sees it).
 
 A ``prometheus_client`` metric inside a replica would need an HTTP port per replica
 process; Ray's agent aggregates per node instead.
@@ -55,6 +60,10 @@ def series() -> dict[str, Any]:
         "load_failures": Counter(
             "spade_serve_model_load_failures", description="Checkpoints that failed to load (the old model kept serving)",
             tag_keys=("deployment",),
+        ),
+        "cancelled": Counter(
+            "spade_serve_cancelled_requests", description="Model calls cancelled because the client hung up, by stage",
+            tag_keys=("deployment", "stage"),
         ),
         "replica_failures": Counter(
             "spade_serve_replica_failures", description="Model calls whose replica died under them (retried: sent again)",

@@ -64,6 +64,9 @@ RAY_ENV = {
     "RAY_DEDUP_LOGS": "0",
     # serve_app's bearer auth reads its token from the replicas' environment (tests/test_serve.py)
     "SPADE_TEST_SERVE_TOKEN": "s3cret-test-token",
+    # autoscaling that follows a 30-second load (tests/test_drills.py), as bench/drills.AUTOSCALING_ENV
+    "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
+    "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
 }
 
 
