@@ -575,8 +575,8 @@ def drill_disconnect(args: argparse.Namespace) -> bool:
     print(f"clients hanging up: {r['hung_up']} hung up while queued behind {r['patient_clients']} busy clients; "
           f"images computed {r['images_computed']:.0f} for {r['answered']} answers ({r['computed_for_hung_up']:.0f} for the "
           f"hung-up requests); replica dropped {r['cancelled_queued']:.0f} queued, {r['cancelled_running']:.0f} were "
-          f"already computing; ingress counted {r['ingress_499']:.0f} as 499")
-    return r["computed_for_hung_up"] <= 2 * 4 and r["ingress_499"] == r["hung_up"]
+          f"already computing; 499s counted by Serve's proxy {r['proxy_499']:.0f}, by the app's ingress {r['ingress_499']:.0f}")
+    return r["computed_for_hung_up"] <= 2 * 4 and r["proxy_499"] == r["hung_up"]
 
 
 def drill_hang(args: argparse.Namespace) -> bool:
@@ -584,7 +584,7 @@ def drill_hang(args: argparse.Namespace) -> bool:
 
     with tempfile.TemporaryDirectory() as tmp, local_ray():
         app_args = plain_app(Path(tmp), replicas=2)
-        app_args["generator"].update(health_check_period_s=2.0, health_check_timeout_s=5.0)
+        app_args["generator"].update(health_check_period_s=2.0, health_check_timeout_s=5.0, graceful_shutdown_timeout_s=5.0)
         with running_app(app_args) as base:
             r = drills_load.hang_drill(base, clients=args.clients, seconds=args.seconds, hang_at=args.seconds / 4)
     print(f"a replica hangs mid-batch (SIGSTOP, 2 replicas, {r['clients']} clients): {r['sent']} requests, statuses "

@@ -47,7 +47,7 @@ def autoscaling_app(root: Path, *, crop_size: int = 64, max_replicas: int = 4, u
                     downscale_delay_s: float = 10.0, batch: int = 4, max_queued: int = 64) -> dict[str, Any]:
     checkpoint = write_checkpoint(ade20k_architecture(crop_size), root / "ade20k")
     autoscaling = {"min_replicas": 1, "max_replicas": max_replicas, "target_ongoing_requests": batch,
-                   "upscale_delay_s": upscale_delay_s, "downscale_delay_s": downscale_delay_s, "look_back_period_s": 10.0}
+                   "upscale_delay_s": upscale_delay_s, "downscale_delay_s": downscale_delay_s, "look_back_period_s": 12.0}
     return {"checkpoint": str(checkpoint), "ingress": {"num_cpus": 0.1},
             "generator": {"num_cpus": 0.25, "max_ongoing_requests": 2 * batch, "max_queued_requests": max_queued,
                           "autoscaling": autoscaling},
@@ -99,7 +99,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def load_drill(base: str, *, clients: int, seconds: float, cooldown_s: float, window_s: float = 5.0,
-               min_replicas: int = 1) -> dict[str, Any]:
+               min_replicas: int = 1, tail_s: float = 12.0) -> dict[str, Any]:
     """``clients`` closed-loop clients for ``seconds``, then quiet until the generator is back at
     ``min_replicas`` (at most ``cooldown_s``). Samples every second: replicas by Serve's status,
     healthy replicas by the metrics endpoint."""
@@ -136,7 +136,7 @@ def load_drill(base: str, *, clients: int, seconds: float, cooldown_s: float, wi
                 and max((s["running"] or 0) for s in samples) > min_replicas:
             break
         time.sleep(1.0)
-    time.sleep(1.5)
+    time.sleep(tail_s)  # the metrics endpoint lags Serve's status by an export interval or two
     stop.set()
     sampler.join(timeout=15)
     timeline = []
@@ -149,6 +149,7 @@ def load_drill(base: str, *, clients: int, seconds: float, cooldown_s: float, wi
             "t": float(start), "answers": len(done), "non_200": sum(a.status != 200 for a in done),
             "p50_ms": 1e3 * percentile(ok, 50), "p99_ms": 1e3 * percentile(ok, 99),
             "replicas": max((s["running"] or 0) for s in in_window) if in_window else None,
+            "starting": max((s["starting"] or 0) for s in in_window) if in_window else None,
             "healthy_metric": max((s["healthy_metric"] or 0) for s in in_window) if in_window else None,
         })
     peak = max((s["running"] or 0) for s in samples) if samples else 0
@@ -168,15 +169,16 @@ def load_drill(base: str, *, clients: int, seconds: float, cooldown_s: float, wi
         "p99_ms": 1e3 * percentile([a.latency for a in answers if a.status == 200], 99),
         "peak_replicas": peak, "peak_at_s": peak_at, "peak_healthy_metric": max((s["healthy_metric"] or 0) for s in samples),
         "load_end_s": load_end, "scaled_down_after_s": None if scaled_down_at is None else scaled_down_at - load_end,
-        "final_replicas": last.get("running"), "timeline": timeline,
+        "final_replicas": last.get("running"), "final_healthy_metric": last.get("healthy_metric"), "timeline": timeline,
     }
 
 
 def print_timeline(result: dict[str, Any]) -> None:
-    print(f"{'t (s)':>6} {'answers':>8} {'non-200':>8} {'p50 ms':>8} {'p99 ms':>8} {'replicas':>9} {'healthy (metrics)':>18}")
+    print(f"{'t (s)':>6} {'answers':>8} {'non-200':>8} {'p50 ms':>8} {'p99 ms':>8} {'replicas':>9} {'starting':>9} "
+          f"{'healthy (metrics)':>18}")
     for row in result["timeline"]:
         print(f"{row['t']:6.0f} {row['answers']:8d} {row['non_200']:8d} {row['p50_ms']:8.0f} {row['p99_ms']:8.0f} "
-              f"{row['replicas'] if row['replicas'] is not None else '-':>9} "
+              f"{row['replicas'] if row['replicas'] is not None else '-':>9} {row['starting'] if row['starting'] is not None else '-':>9} "
               f"{row['healthy_metric'] if row['healthy_metric'] is not None else '-':>18}")
 
 
@@ -198,8 +200,8 @@ def queue_full_drill(base: str, *, clients: int, seconds: float) -> dict[str, An
 # Clients that hang up
 
 
-def _settled(url: str, names: tuple[str, ...], *, timeout: float = 40.0) -> dict[str, float]:
-    """Scrape until the named totals stop changing (Ray's agent exports every few seconds)."""
+def _settled(url: str, names: tuple[str, ...], *, timeout: float = 60.0) -> dict[str, float]:
+    """Scrape until the named totals stop changing across more than Ray's 10-s report interval."""
     previous: dict[str, float] | None = None
     deadline = time.monotonic() + timeout
     while True:
@@ -209,21 +211,25 @@ def _settled(url: str, names: tuple[str, ...], *, timeout: float = 40.0) -> dict
             ("ray_spade_serve_cancelled_requests_total", "stage", "queued"),
             ("ray_spade_serve_cancelled_requests_total", "stage", "running"),
             ("ray_spade_serve_requests_total", "status", "499"),
-            ("ray_spade_serve_requests_total", "status", "200"))})
+            ("ray_spade_serve_requests_total", "status", "200"),
+            ("ray_serve_num_http_requests_total", "status_code", "499"))})
         if now == previous or time.monotonic() > deadline:
             return now
         previous = now
-        time.sleep(6.0)
+        time.sleep(11.0)
 
 
 def disconnect_drill(base: str, *, patient: int, impatient: int, hang_up_after_s: float, seconds: float) -> dict[str, Any]:
     """``patient`` closed-loop clients keep the generator busy; meanwhile ``impatient`` clients
-    each send one request and hang up after ``hang_up_after_s``. Images computed (the batch-size
-    histogram's sum) are compared with the answers clients received."""
+    each send one request and hang up after ``hang_up_after_s``. Images computed (the replicas'
+    counter) are compared with the answers clients received.
+
+    Totals are summed over series of live processes only (Ray drops a dead worker's series), so
+    the app must not lose replicas during the drill."""
     import requests
 
     url = metrics_url()
-    names = ("ray_spade_serve_batch_size_sum",)
+    names = ("ray_spade_serve_computed_requests_total",)
     before = _settled(url, names, timeout=20.0)
     gone: list[bool] = []
     lock = threading.Lock()
@@ -250,13 +256,14 @@ def disconnect_drill(base: str, *, patient: int, impatient: int, hang_up_after_s
     after = _settled(url, names)
     delta = {k: after[k] - before.get(k, 0.0) for k in after}
     answered = sum(a.status == 200 for a in load.answers) + sum(not g for g in gone)
-    computed = delta["ray_spade_serve_batch_size_sum"]
+    computed = delta["ray_spade_serve_computed_requests_total"]
     return {
         "patient_clients": patient, "hung_up": sum(gone), "answered": answered, "images_computed": computed,
         "computed_for_hung_up": computed - answered,
         "cancelled_queued": delta["ray_spade_serve_cancelled_requests_total:stage=queued"],
         "cancelled_running": delta["ray_spade_serve_cancelled_requests_total:stage=running"],
         "ingress_499": delta["ray_spade_serve_requests_total:status=499"],
+        "proxy_499": delta["ray_serve_num_http_requests_total:status_code=499"],
         "patient_statuses": statuses(load.answers),
     }
 
@@ -301,6 +308,11 @@ def hang_drill(base: str, *, clients: int, seconds: float, hang_at: float, repli
             if "gone" not in events and not os.path.exists(f"/proc/{victim}"):
                 events["gone"] = load.now()
             time.sleep(0.25)
+    deadline = time.monotonic() + 30.0
+    while "gone" not in events and time.monotonic() < deadline:  # Serve kills it after its graceful shutdown timeout
+        if not os.path.exists(f"/proc/{victim}"):
+            events["gone"] = load.now()
+        time.sleep(0.25)
     if os.path.exists(f"/proc/{victim}"):  # never leave a stopped process behind
         os.kill(victim, signal.SIGKILL)
     answers: list[Answer] = load.answers
@@ -314,6 +326,7 @@ def hang_drill(base: str, *, clients: int, seconds: float, hang_at: float, repli
         "process_gone_after_s": events["gone"] - stopped_at if "gone" in events else None,
         "served_while_hung": len(routed_around), "sent_while_hung": len(during),
         "max_latency_s": max((a.latency for a in answers), default=0.0),
+        "stuck_over_5s": sum(a.latency > 5.0 for a in answers),  # were inside it: answered once Serve killed it
         "p50_before_ms": 1e3 * percentile([a.latency for a in answers if a.sent < stopped_at and a.status == 200], 50),
         "p50_after_ms": 1e3 * percentile([a.latency for a in answers if "replaced" in events and a.sent > events["replaced"] + 2
                                           and a.status == 200], 50),

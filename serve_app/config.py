@@ -81,6 +81,10 @@ class DeploymentConfig:
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
     health_check_period_s: float = 10.0
     health_check_timeout_s: float = 30.0
+    # How long a replica being stopped may finish its requests before it is killed. A replica
+    # found unhealthy (hung) is stopped the same way: its requests wait this long, then fail
+    # over to another replica (the ingress retries them).
+    graceful_shutdown_timeout_s: float = 20.0
 
     def __post_init__(self) -> None:
         check_fields(self, "deployment")
@@ -94,6 +98,7 @@ class DeploymentConfig:
         )
         require(self.health_check_period_s > 0, "deployment.health_check_period_s must be > 0")
         require(self.health_check_timeout_s > 0, "deployment.health_check_timeout_s must be > 0")
+        require(self.graceful_shutdown_timeout_s >= 0, "deployment.graceful_shutdown_timeout_s must be >= 0")
 
     def ray_options(self) -> dict[str, Any]:
         """Keyword arguments for ``Deployment.options``."""
@@ -107,6 +112,7 @@ class DeploymentConfig:
             "autoscaling_config": self.autoscaling.to_ray(),
             "health_check_period_s": self.health_check_period_s,
             "health_check_timeout_s": self.health_check_timeout_s,
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
         }
 
 

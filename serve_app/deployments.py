@@ -133,6 +133,7 @@ class _ModelReplica:
             self._busy_since = None
         self._last_ok = time.monotonic()
         self.metrics["inference"].observe(self._last_ok - start, tags={"deployment": self.deployment})
+        self.metrics["computed"].inc(len(items), tags={"deployment": self.deployment})
         return out
 
     async def batched_or_cancelled(self, item: Any) -> Any:

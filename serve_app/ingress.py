@@ -219,13 +219,23 @@ async def _auth_media_type_metrics(request: Request, call_next: Any) -> Response
         response = await call_next(request)
     except RequestError as exc:
         response = error_response(exc.status, exc.message, exc.headers)
-    except asyncio.CancelledError:  # the client hung up: Serve cancels the request and its model calls
-        series()["requests"].inc(tags={"route": route, "status": "499"})
+    except (Exception, asyncio.CancelledError) as exc:
+        # The client hung up (Serve cancels the request and its model calls; Starlette's
+        # middleware then reports that no response came), or a bug: counted either way.
+        gone = isinstance(exc, asyncio.CancelledError) or await _disconnected(request)
+        series()["requests"].inc(tags={"route": route, "status": "499" if gone else "500"})
         raise
     metrics = series()
     metrics["requests"].inc(tags={"route": route, "status": str(response.status_code)})
     metrics["latency"].observe(time.monotonic() - started, tags={"route": route})
     return response
+
+
+async def _disconnected(request: Request) -> bool:
+    try:
+        return await asyncio.wait_for(request.is_disconnected(), timeout=0.1)
+    except (Exception, asyncio.CancelledError):
+        return False
 
 
 def _app_path(scope: dict[str, Any]) -> str:

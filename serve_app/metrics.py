@@ -4,9 +4,12 @@ Ray's metrics agent exports them on every node's metrics export port (``spade-se
 starts Ray with ``--metrics-export-port`` 8080) beside Ray Serve's own ``ray_serve_*``
 series, with Ray's ``ray_`` prefix; counters get ``_total``:
 
-* ``ray_spade_serve_requests_total{route, status}``
+* ``ray_spade_serve_requests_total{route, status}`` (499: the client hung up first; 500: a bug)
 * ``ray_spade_serve_request_latency_seconds{route}`` (histogram, ingress: whole request)
 * ``ray_spade_serve_batch_size{deployment}`` (histogram of merged batch sizes)
+* ``ray_spade_serve_computed_requests_total{deployment}`` (requests a forward pass computed: images
+  drawn, styles encoded; a counter, because Ray 2.60 reports a histogram's ``_sum`` from its
+  buckets' midpoints: five batches of 1 read 2.5)
 * ``ray_spade_serve_queue_wait_seconds{deployment}`` (histogram: arrival at a replica -> its batch starts)
 * ``ray_spade_serve_inference_seconds{deployment}`` (histogram: one batch's forward pass)
 * ``ray_spade_serve_replicas{deployment}`` (gauge, 1 per live replica: ``sum by (deployment)``)
@@ -46,6 +49,10 @@ def series() -> dict[str, Any]:
         "batch_size": Histogram(
             "spade_serve_batch_size", description="Requests merged into one forward pass",
             boundaries=BATCH_BUCKETS, tag_keys=("deployment",),
+        ),
+        "computed": Counter(
+            "spade_serve_computed_requests", description="Requests computed by forward passes (images drawn, styles encoded)",
+            tag_keys=("deployment",),
         ),
         "queue_wait": Histogram(
             "spade_serve_queue_wait_seconds", description="Wait from arrival at a replica to the start of its batch",

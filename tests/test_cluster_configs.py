@@ -883,6 +883,7 @@ SERVE_SERIES = {  # serve_app's ray.util.metrics, with Ray's ray_ prefix
     "ray_spade_serve_model_load_failures_total": COUNTER,
     "ray_spade_serve_replica_failures_total": COUNTER,
     "ray_spade_serve_cancelled_requests_total": COUNTER,
+    "ray_spade_serve_computed_requests_total": COUNTER,
 }
 RAY_SERVE_SERIES = {  # Ray Serve's own (ray/serve/_private in Ray 2.60)
     "ray_serve_num_http_requests_total": COUNTER,
