@@ -206,7 +206,7 @@ def kill_driver_drill(root: Path, *, steps: int = 12, kill_after_step: int = 7, 
 
 
 def kill_uploader_drill(root: Path, *, steps: int = 12, timeout: float = 600.0) -> dict[str, Any]:
-    """SIGKILL the rank-0 worker the moment its second checkpoint folder appears in the run directory.
+    """SIGKILL the rank-0 worker the moment the first file of its second checkpoint arrives in the run directory.
 
     A wide discriminator (ndf 64: ~90 MB with its Adam state) makes the upload last long enough
     for the kill to land inside it; where it landed (files present) is part of the figures."""
@@ -231,7 +231,10 @@ def kill_uploader_drill(root: Path, *, steps: int = 12, timeout: float = 600.0) 
         return holders[0] if len(holders) == 1 else None
 
     uploader = wait_for(rank0, timeout=timeout, proc=proc)
-    new = wait_for(lambda: [p for p in folders() if p not in first], timeout=timeout, proc=proc, poll=0.0005)
+    def arriving() -> list[Path]:  # the next checkpoint folder, once its first file is there
+        return [p for p in folders() if p not in first and any(f.is_file() for f in p.rglob("*"))]
+
+    new = wait_for(arriving, timeout=timeout, proc=proc, poll=0.0005)
     os.kill(uploader, signal.SIGKILL)
     partial = new[0]
     time.sleep(0.5)
