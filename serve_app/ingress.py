@@ -5,6 +5,7 @@
     GET  /v1/model        configuration, classes (names, colours), checkpoint identity
     GET  /healthz         the ingress runs;  GET /readyz: a generator replica answers
     GET  /docs            OpenAPI
+    GET  /                the paint studio (serve_app/studio/: static files, no build step)
 
 Errors are JSON ``{"error": {"status": 400, "message": "..."}}``: 400 invalid content,
 401 missing or wrong token, 408 timeout, 413 too large, 415 media type, 422 malformed
@@ -20,13 +21,15 @@ import json
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, StringConstraints
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
@@ -62,6 +65,8 @@ app = FastAPI(
     version="1.0",
     description="SPADE / GauGAN semantic image synthesis: label map in, photo out.",
 )
+STUDIO_DIR = Path(__file__).resolve().parent / "studio"
+app.mount("/studio", StaticFiles(directory=STUDIO_DIR), name="studio")  # the page's script, styles
 
 
 class ErrorDetail(BaseModel):
@@ -348,6 +353,10 @@ class SpadeIngress:
         raise AssertionError("unreachable")
 
     # --- routes ---------------------------------------------------------------------------
+
+    @app.get("/", include_in_schema=False)
+    async def studio(self) -> FileResponse:
+        return FileResponse(STUDIO_DIR / "index.html", media_type="text/html")
 
     @app.get("/healthz", responses=PROBE_ERRORS)
     async def healthz(self) -> dict[str, str]:

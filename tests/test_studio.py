@@ -1,0 +1,181 @@
+"""The paint studio (GET /) in a real browser: Debian's chromium driven by Playwright against
+the real Serve app on 127.0.0.1. Screenshots go to out/studio/.
+
+Skipped with a reason where chromium is not installed (``apt-get install chromium``), never
+under CI=true, where .ci/run installs it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import drills  # noqa: E402
+
+from .conftest import REPO  # noqa: E402
+
+pytestmark = pytest.mark.slow
+SHOTS = REPO / "out" / "studio"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def browser():  # type: ignore[no-untyped-def]
+    if CHROMIUM is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("chromium is missing under CI=true: .ci/run installs it with apt-get")
+        pytest.skip("no chromium on this machine: apt-get install chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        yield b
+        b.close()
+
+
+@pytest.fixture()
+def studio(ray_cluster, browser, tmp_path: Path):  # type: ignore[no-untyped-def]
+    with drills.running_app(drills.vae_app(tmp_path)) as base:
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(base + "/")
+        page.wait_for_function("document.getElementById('photo').dataset.seq !== undefined", timeout=60_000)
+        yield page, base
+        assert not errors, errors  # no uncaught script error on the way
+        page.close()
+
+
+def photo_seq(page) -> int:  # type: ignore[no-untyped-def]
+    return int(page.get_attribute("#photo", "data-seq") or 0)
+
+
+def wait_new_photo(page, after: int, timeout: float = 60.0) -> float:  # type: ignore[no-untyped-def]
+    """Seconds until the photo shown is newer than ``after``."""
+    t0 = time.monotonic()
+    page.wait_for_function(f"Number(document.getElementById('photo').dataset.seq || 0) > {after}", timeout=timeout * 1000)
+    return time.monotonic() - t0
+
+
+def canvas_box(page):  # type: ignore[no-untyped-def]
+    return page.locator("#canvas").bounding_box()
+
+
+def drag(page, points: list[tuple[float, float]]) -> None:  # type: ignore[no-untyped-def]
+    """A stroke through canvas-relative points (0..1)."""
+    box = canvas_box(page)
+    xy = [(box["x"] + u * box["width"], box["y"] + v * box["height"]) for u, v in points]
+    page.mouse.move(*xy[0])
+    page.mouse.down()
+    for p in xy[1:]:
+        page.mouse.move(*p, steps=8)
+    page.mouse.up()
+
+
+def canvas_pixels(page) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """The canvas at its own resolution (the model's input size), RGB."""
+    data = page.evaluate("""() => {
+        const c = document.getElementById('canvas');
+        return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data);
+    }""")
+    size = page.evaluate("[document.getElementById('canvas').width, document.getElementById('canvas').height]")
+    return np.asarray(data, dtype=np.uint8).reshape(size[1], size[0], 4)[..., :3]
+
+
+def photo_pixels(page) -> np.ndarray:  # type: ignore[no-untyped-def]
+    data = page.evaluate("""async () => {
+        const blob = await (await fetch(document.getElementById('photo').src)).blob();
+        const buf = new Uint8Array(await blob.arrayBuffer());
+        return Array.from(buf);
+    }""")
+    return np.asarray(Image.open(io.BytesIO(bytes(data))).convert("RGB"))
+
+
+def palette(page) -> list[tuple[int, int, int]]:  # type: ignore[no-untyped-def]
+    return [tuple(c) for c in page.evaluate("fetch('/v1/model').then(r => r.json()).then(m => m.classes.map(c => c.color))")]
+
+
+def test_strokes_of_two_classes_draw_a_photo_that_differs_where_they_do(studio) -> None:  # type: ignore[no-untyped-def]
+    page, _ = studio
+    colours = palette(page)
+    page.click('#palette button[data-id="1"]')
+    page.fill("#size", "20")
+    page.dispatch_event("#size", "input")
+    seq = photo_seq(page)
+    drag(page, [(0.1, 0.2), (0.9, 0.2), (0.9, 0.3), (0.1, 0.3)])
+    page.click('#palette button[data-id="5"]')
+    drag(page, [(0.1, 0.75), (0.9, 0.75), (0.9, 0.85), (0.1, 0.85)])
+    latency = wait_new_photo(page, seq)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / "two_classes.png"))
+    labels = canvas_pixels(page)
+    # every pixel is exactly a class colour: no anti-aliased blends were drawn or uploaded
+    assert {tuple(p) for p in labels.reshape(-1, 3)} <= set(colours)
+    h, w, _ = labels.shape
+    assert tuple(labels[h // 4, w // 2]) == colours[1] and tuple(labels[4 * h // 5, w // 2]) == colours[5]
+    photo = photo_pixels(page)
+    assert photo.shape == (h, w, 3)
+    top = photo[int(0.2 * h):int(0.3 * h), int(0.2 * w):int(0.8 * w)].reshape(-1, 3).mean(0)
+    bottom = photo[int(0.75 * h):int(0.85 * h), int(0.2 * w):int(0.8 * w)].reshape(-1, 3).mean(0)
+    assert np.abs(top - bottom).max() > 2.0, (top, bottom)  # the classes drew different things
+    print(f"stroke to photo: {latency * 1e3:.0f} ms (page's own request: {page.get_attribute('#photo', 'data-latency-ms')} ms)")
+
+
+def test_fill_undo_redo_and_the_eyedropper(studio) -> None:  # type: ignore[no-untyped-def]
+    page, _ = studio
+    colours = palette(page)
+    box = canvas_box(page)
+    page.click('#palette button[data-id="7"]')
+    page.keyboard.press("f")
+    page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    filled = canvas_pixels(page)
+    assert {tuple(p) for p in filled.reshape(-1, 3)} == {colours[7]}  # the empty canvas was one region
+    page.keyboard.press("Control+z")
+    assert {tuple(p) for p in canvas_pixels(page).reshape(-1, 3)} == {colours[0]}
+    page.keyboard.press("Control+Shift+z")
+    assert {tuple(p) for p in canvas_pixels(page).reshape(-1, 3)} == {colours[7]}
+    page.click('#palette button[data-id="2"]')
+    page.keyboard.press("i")
+    page.mouse.click(box["x"] + 5, box["y"] + 5)
+    assert "(7)" in page.inner_text("#current-name")
+
+
+def test_a_style_image_is_encoded_once_and_changes_the_photo(studio, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    page, _ = studio
+    drag(page, [(0.2, 0.5), (0.8, 0.5)])
+    seq = photo_seq(page)
+    wait_new_photo(page, seq - 1)
+    before = photo_pixels(page)
+    style = tmp_path / "style.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(style)
+    seq = photo_seq(page)
+    page.set_input_files("#style-file", str(style))
+    wait_new_photo(page, seq)
+    assert page.locator("#recent-styles button").count() == 1
+    after = photo_pixels(page)
+    assert np.abs(before.astype(int) - after.astype(int)).max() > 0
+    page.screenshot(path=str(SHOTS / "style.png"))
+
+
+def test_a_bad_upload_shows_a_readable_message(studio, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    page, _ = studio
+    bad = tmp_path / "labels.png"
+    bad.write_text("this is not a PNG")
+    page.set_input_files("#load", str(bad))
+    page.wait_for_function("document.getElementById('message').textContent.includes('not an image')", timeout=10_000)
+    style = tmp_path / "style.png"
+    style.write_text("not an image either")
+    page.set_input_files("#style-file", str(style))
+    page.wait_for_function("document.getElementById('message').textContent.includes('style')", timeout=30_000)
+    page.screenshot(path=str(SHOTS / "bad_upload.png"))
