@@ -21,7 +21,6 @@ import json
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
@@ -29,7 +28,6 @@ from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, Response
-from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, StringConstraints
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
@@ -54,6 +52,8 @@ from .images import (
     rgb_image,
 )
 from .metrics import series
+from .studio import index_page
+from .studio import static_files as studio_files
 
 API_VERSION = "v1"
 MODEL_INFO_TTL_S = 5.0  # how stale the ingress's copy of the model config may get after a swap
@@ -65,8 +65,7 @@ app = FastAPI(
     version="1.0",
     description="SPADE / GauGAN semantic image synthesis: label map in, photo out.",
 )
-STUDIO_DIR = Path(__file__).resolve().parent / "studio"
-app.mount("/studio", StaticFiles(directory=STUDIO_DIR), name="studio")  # the page's script, styles
+app.mount("/studio", studio_files(), name="studio")  # the page's script and styles
 
 
 class ErrorDetail(BaseModel):
@@ -356,7 +355,7 @@ class SpadeIngress:
 
     @app.get("/", include_in_schema=False)
     async def studio(self) -> FileResponse:
-        return FileResponse(STUDIO_DIR / "index.html", media_type="text/html")
+        return index_page()
 
     @app.get("/healthz", responses=PROBE_ERRORS)
     async def healthz(self) -> dict[str, str]:

@@ -67,6 +67,7 @@ def test_converted_checkpoint_reproduces_expected_outputs(nvlabs_fixture: Path, 
         "discriminator.safetensors",
         "encoder.safetensors",
         "generator.safetensors",
+        "manifest.json",
     ]
     model = spade_core.load_checkpoint(converted)
     _check_all(model, nvlabs_fixture, expected)

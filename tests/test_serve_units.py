@@ -227,3 +227,4 @@ def test_replica_health_check_probes_an_idle_model_and_fails_a_stuck_batch(tmp_p
             await replica.check_health()
 
     asyncio.run(scenario())
+

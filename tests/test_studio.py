@@ -185,3 +185,14 @@ def test_a_bad_upload_shows_a_readable_message(studio, tmp_path: Path) -> None: 
     page.set_input_files("#style-file", str(style))
     page.wait_for_function("document.getElementById('message').textContent.includes('style')", timeout=30_000)
     page.screenshot(path=str(SHOTS / "bad_upload.png"))
+
+
+def test_the_studio_files_are_served_and_nothing_outside_their_folder(studio) -> None:  # type: ignore[no-untyped-def]
+    import requests
+
+    _, base = studio
+    js = requests.get(base + "/studio/studio.js", timeout=30)
+    assert js.status_code == 200 and "javascript" in js.headers["content-type"] and "encodeLabelPng" in js.text
+    for escape in ("/studio/../ingress.py", "/studio/%2e%2e/ingress.py", "/studio/..%2fconfig.py"):
+        r = requests.get(base + escape, timeout=30)
+        assert r.status_code == 404 and "InputError" not in r.text, escape
