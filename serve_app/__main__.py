@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
                                                 precision=args.precision)
         from .checkpoints import resolve_checkpoint
 
-        resolved = resolve_checkpoint(config.checkpoint, config.select)
+        resolved = {m.name: resolve_checkpoint(m.checkpoint, m.select) for m in config.model_entries()}
     except (ValueError, FileNotFoundError) as exc:
         print(f"spade-serve: {exc}", file=sys.stderr)
         return 2
@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.run(build_app(config), name="spade", route_prefix="/")
     url = f"http://{args.host}:{args.port}"
     metrics_port = ray.nodes()[0].get("MetricsExportPort", args.metrics_port)
-    print(f"serving {resolved}\n  API      {url}/v1/synthesize   (docs: {url}/docs)\n"
+    served = "\n".join(f"  model    {name}: {path}" for name, path in resolved.items())
+    print(f"serving\n{served}\n  studio   {url}/\n  API      {url}/v1/synthesize   (docs: {url}/docs)\n"
           f"  metrics  http://127.0.0.1:{metrics_port}/metrics", flush=True)
     if args.no_block:
         return 0

@@ -2,7 +2,9 @@
 
 The args are a :class:`~serve_app.config.ServeConfig` mapping. The checkpoint's config is
 read here (no weights) to decide whether a ``StyleEncoder`` is deployed; each model
-deployment gets ``user_config = {"checkpoint": args.checkpoint, "select": args.select}``.
+deployment gets ``user_config = {"checkpoint": args.checkpoint, "select": args.select}``, or with
+several models ``{"models": [{"name", "checkpoint", "select"}, ...]}`` (Serve's model
+multiplexing: requests name their model; see serve_app.deployments).
 
 Rolling out a new checkpoint in place: in the Serve config (``serve deploy``, a
 RayService's ``serveConfigV2``) leave ``args`` as they are and set
@@ -30,7 +32,8 @@ from .ingress import SpadeIngress
 
 def build_app(args: dict[str, Any] | ServeConfig) -> Application:
     config = args if isinstance(args, ServeConfig) else ServeConfig.from_dict(args)
-    model_config = read_config(resolve_checkpoint(config.checkpoint, config.select))
+    # An encoder deployment when any served model is a VAE (it answers 400 for the others).
+    use_vae = any(read_config(resolve_checkpoint(m.checkpoint, m.select)).use_vae for m in config.model_entries())
     # The checkpoint is not among the replicas' init args but in their user_config, so a
     # change of it alone reconfigures running replicas instead of replacing them.
     replica_options = {
@@ -38,8 +41,9 @@ def build_app(args: dict[str, Any] | ServeConfig) -> Application:
         "precision": config.precision,
         "compile": config.compile,
         "batching": {"max_batch_size": config.batching.max_batch_size, "batch_wait_timeout_s": config.batching.batch_wait_timeout_s},
+        "max_models": config.max_models_per_replica,
     }
-    user_config = {"checkpoint": config.checkpoint, "select": config.select}
+    user_config = config.user_config()
 
     def options(section: Any) -> dict[str, Any]:
         health = {"health_check_period_s": section.health_check_period_s, "health_check_timeout_s": section.health_check_timeout_s}
@@ -47,6 +51,6 @@ def build_app(args: dict[str, Any] | ServeConfig) -> Application:
 
     generator = SpadeGenerator.options(**config.generator.ray_options(), user_config=user_config).bind(options(config.generator))
     encoder = None
-    if model_config.use_vae:
+    if use_vae:
         encoder = StyleEncoder.options(**config.encoder.ray_options(), user_config=user_config).bind(options(config.encoder))
     return SpadeIngress.options(**config.ingress.ray_options()).bind(generator, encoder, config.api_settings())

@@ -1,6 +1,8 @@
 """The serving app's config: the ``args`` of the Serve application (``serve_app.app:build_app``).
 
     checkpoint: out/runs/tiny          # a checkpoint dir (ours or NVlabs'), a training run dir, or a URI
+    # or several models, served at once through Ray Serve's model multiplexing:
+    # models: [{name: ade20k, checkpoint: out/runs/ade20k}, {name: coco, checkpoint: s3://.../coco}]
     precision: bf16
     batching: {max_batch_size: 8, batch_wait_timeout_s: 0.01}
     generator: {num_gpus: 1, autoscaling: {min_replicas: 1, max_replicas: 4}}
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,6 +149,32 @@ class LimitsConfig:
         require(self.request_timeout_s > 0, f"limits.request_timeout_s must be > 0, got {self.request_timeout_s}")
 
 
+DEFAULT_MODEL = "default"  # the name of the one model of a config that gives ``checkpoint``
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelEntry:
+    """One served model: requests name it in their ``model`` field."""
+
+    config_section: ClassVar[str] = "model"  # its messages' prefix, replaced by models[i]
+
+    name: str
+    checkpoint: str  # as ServeConfig.checkpoint
+    select: Select = "latest"
+
+    def __post_init__(self) -> None:
+        check_fields(self, "model")
+        require(bool(_MODEL_NAME.fullmatch(self.name)),
+                f"model.name must be 1-64 letters, digits, '.', '_' or '-' (starting with a letter or digit), got {self.name!r}")
+        require(self.checkpoint != "", "model.checkpoint must be a path or URI, got ''")
+        if "://" not in self.checkpoint:
+            object.__setattr__(self, "checkpoint", os.path.abspath(os.path.expanduser(self.checkpoint)))
+
+    def user_config(self) -> dict[str, str]:
+        return {"name": self.name, "checkpoint": self.checkpoint, "select": self.select}
+
+
 @dataclass(frozen=True, kw_only=True)
 class ApiSettings:
     """The ingress's part of the config (see :meth:`ServeConfig.api_settings`)."""
@@ -170,9 +199,14 @@ class ServeConfig:
     # A checkpoint directory (spade_core's config.json + safetensors, or NVlabs'
     # latest_net_*.pth + opt.txt), a training run directory (its newest checkpoint_* is
     # served, or its best/ with select: best), or a URI (s3://, gs://, file://) of either,
-    # copied to a local cache.
-    checkpoint: str
+    # copied to a local cache. Or ``models`` instead, for several.
+    checkpoint: str | None = None
     select: Select = "latest"  # of a training run: the newest checkpoint_*, or best/ (checkpoint.best_by)
+    # Several models at once, the first the default. Each model replica holds at most
+    # max_models_per_replica of them, the least recently used unloaded (Serve's multiplexing),
+    # and Serve routes a request to a replica that holds its model when one does.
+    models: tuple[ModelEntry, ...] = ()
+    max_models_per_replica: int = 2
     device: Device = "auto"  # auto: cuda when the replica has a GPU, else cpu
     precision: Precision = "fp32"  # the fast path's compute dtype (bf16: ~10x on AMX CPUs and GPUs)
     compile: bool = False  # torch.compile the fast generator (slow first call per batch size)
@@ -196,9 +230,15 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, "")
+        require((self.checkpoint is None) != (not self.models),
+                "give either checkpoint (one model) or models (a list of {name, checkpoint}), not both and not neither")
         require(self.checkpoint != "", "checkpoint must be a path or URI, got ''")
-        if "://" not in self.checkpoint:
+        if self.checkpoint is not None and "://" not in self.checkpoint:
             object.__setattr__(self, "checkpoint", os.path.abspath(os.path.expanduser(self.checkpoint)))
+        names = [m.name for m in self.models]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        require(not repeated, f"models: each name once, got {', '.join(repeated)} more than once")
+        require(self.max_models_per_replica >= 1, f"max_models_per_replica must be >= 1, got {self.max_models_per_replica}")
         require(1 <= self.jpeg_quality <= 100, f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
         require(
             self.generator.max_ongoing_requests >= self.batching.max_batch_size,
@@ -212,6 +252,20 @@ class ServeConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def model_entries(self) -> tuple[ModelEntry, ...]:
+        """The served models, the default first (one named "default" for a ``checkpoint`` config)."""
+        if self.models:
+            return self.models
+        assert self.checkpoint is not None
+        return (ModelEntry(name=DEFAULT_MODEL, checkpoint=self.checkpoint, select=self.select),)
+
+    def user_config(self) -> dict[str, Any]:
+        """The model deployments' user_config. One model keeps the single-checkpoint form, so a
+        rollout written for it (``user_config: {checkpoint: NEW}``) means the same as before."""
+        if not self.models:
+            return {"checkpoint": self.checkpoint, "select": self.select}
+        return {"models": [m.user_config() for m in self.models]}
 
     def api_settings(self) -> dict[str, Any]:
         """What the HTTP ingress needs (no checkpoint: a new one must not restart it)."""

@@ -14,6 +14,7 @@ replica has been idle and fail when a batch has been stuck past the timeout.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import threading
@@ -42,13 +43,35 @@ class InputError(ValueError):
     """A request the loaded model cannot take (the ingress answers 400 with its message)."""
 
 
+Location = tuple[str, Select]  # (checkpoint, select) as user_config gives them
+DEFAULT_MODEL = "default"  # the model of a single-checkpoint user_config (serve_app.config says the same)
+
+
 @dataclass
 class Loaded:
     """One loaded checkpoint: swapped as a whole."""
 
     model: spade_core.SpadeModel
     identity: str
-    location: tuple[str, Select]  # (checkpoint, select) as user_config gave them
+    location: Location
+    name: str
+
+
+def model_table(user_config: dict[str, Any], current: dict[str, Location]) -> dict[str, Location]:
+    """name -> location from a user_config: ``{"models": [{name, checkpoint, select}, ...]}``, or
+    ``{"checkpoint", "select"}``, which (re)places the first model (a single-model app's rollout)."""
+    if "models" in user_config:
+        return {m["name"]: (m["checkpoint"], m.get("select", "latest")) for m in user_config["models"]}
+    location = (user_config["checkpoint"], user_config.get("select", "latest"))
+    first = next(iter(current), DEFAULT_MODEL)
+    return {**current, first: location}
+
+
+def model_id(name: str, location: Location) -> str:
+    """Serve's multiplexed model id: the name plus a digest of where its weights are, so that a
+    rollout of a new checkpoint under the same name is another id (the old one ages out of the
+    replicas' caches) and no replica keeps answering with weights it loaded before."""
+    return f"{name}@{hashlib.sha256(repr(location).encode()).hexdigest()[:10]}"
 
 
 def pick_device(device: str) -> str:
@@ -60,15 +83,22 @@ def pick_device(device: str) -> str:
 
 
 class _ModelReplica:
-    """What both deployments share: loading, swapping, batching knobs, health, metrics."""
+    """What both deployments share: the served models, loading and swapping them, batching
+    knobs, health, metrics.
+
+    The models (``model_table``) are multiplexed with ``@serve.multiplexed``: a replica loads a
+    model when a request for it comes, holds at most ``max_models`` and unloads the least
+    recently used; Serve routes a request to a replica that holds its model when one does."""
 
     deployment = ""
 
     def __init__(self, options: dict[str, Any]) -> None:
         self.options = options
         self.device = pick_device(options["device"])
-        self.loaded: Loaded | None = None
-        self.load_error: str | None = None  # the last rollout's failure while an older model serves
+        self.table: dict[str, Location] = {}  # the models served, the default first
+        self.load_errors: dict[str, str] = {}  # the last rollout's failures, by model (an older one serves on)
+        self._ready: dict[str, Loaded] = {}  # loaded by reconfigure, handed to the first request
+        self._probed: Loaded | None = None  # the model the idle health check runs (the last one used)
         self._lock = threading.Lock()
         self._busy_since: float | None = None
         self._last_ok = 0.0
@@ -76,34 +106,62 @@ class _ModelReplica:
         self.metrics["replicas"].set(1, tags={"deployment": self.deployment})
         self._set_batching(options["batching"])
 
+        async def load(model_id: str) -> Loaded:  # a plain function: Serve keeps its cache on it
+            return await self._load_id(model_id)
+
+        self.get_model = serve.multiplexed(max_num_models_per_replica=int(options.get("max_models", 2)))(load)
+
     # --- configuration ------------------------------------------------------------------
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        location = (user_config["checkpoint"], user_config.get("select", "latest"))
         if "batching" in user_config:
             self._set_batching(user_config["batching"])
-        if self.loaded is not None and self.loaded.location == location:
-            return
-        try:
-            loaded = await asyncio.to_thread(self._load, location)
-        except Exception as exc:
-            self.metrics["load_failures"].inc(tags={"deployment": self.deployment})
-            if self.loaded is None:
-                raise  # nothing to serve: the replica must not start
-            # A broken rollout (missing file, truncated weights, another architecture) must not
-            # take down a replica that serves: keep the old model, say so in the log and in info().
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""  # torch lists every mismatched tensor
-            self.load_error = f"checkpoint {location[0]} ({location[1]}) failed to load: {type(exc).__name__}: {reason[:300]}"
-            logger.error("%s; still serving %s", self.load_error, self.loaded.identity)
-            return
-        self.load_error = None
-        self.loaded = loaded  # the swap: batches that started keep their reference to the old model
-        self.metrics["loads"].inc(tags={"deployment": self.deployment})
+        starting = not self.table
+        accepted: dict[str, Location] = {}
+        for i, (name, location) in enumerate(model_table(user_config, self.table).items()):
+            if self.table.get(name) == location:
+                accepted[name] = location
+                continue
+            try:  # every new checkpoint loads once here: a broken one never replaces a working one
+                loaded = await asyncio.to_thread(self._load, name, location)
+            except Exception as exc:
+                self.metrics["load_failures"].inc(tags={"deployment": self.deployment, "model": name})
+                if starting:
+                    raise  # nothing to serve: the replica must not start
+                # A broken rollout (missing file, truncated weights, another architecture) must not
+                # take down a replica that serves: keep the old model, say so in the log and in info().
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""  # torch lists every mismatched tensor
+                self.load_errors[name] = (f"checkpoint {location[0]} ({location[1]}) failed to load: "
+                                          f"{type(exc).__name__}: {reason[:300]}")
+                logger.error("%s; model %s %s", self.load_errors[name], name,
+                             "keeps its previous checkpoint" if name in self.table else "is not served")
+                if name in self.table:
+                    accepted[name] = self.table[name]
+                continue
+            self.load_errors.pop(name, None)
+            accepted[name] = location
+            self.metrics["loads"].inc(tags={"deployment": self.deployment, "model": name})
+            if i == 0:  # the default model stays loaded, ready for the first request; the others load when asked for
+                self._ready = {model_id(name, location): loaded}
+                self._probed = loaded
+        self.table = accepted  # the swap: batches that started keep their reference to the old model
 
-    def _load(self, location: tuple[str, Select]) -> Loaded:
+    async def _load_id(self, requested: str) -> Loaded:
+        name = requested.rpartition("@")[0] or requested
+        if name not in self.table:
+            raise InputError(f"no model named {name!r}; this app serves {', '.join(self.table)}")
+        location = self.table[name]  # an id of an older rollout gets today's checkpoint
+        ready = self._ready.pop(model_id(name, location), None)
+        if ready is not None:
+            return ready
+        loaded = await asyncio.to_thread(self._load, name, location)
+        self.metrics["loads"].inc(tags={"deployment": self.deployment, "model": name})
+        return loaded
+
+    def _load(self, name: str, location: Location) -> Loaded:
         model, identity = load_model(location[0], device=self.device, select=location[1])
         self.prepare(model)
-        return Loaded(model=model, identity=identity, location=location)
+        return Loaded(model=model, identity=identity, location=location, name=name)
 
     def prepare(self, model: spade_core.SpadeModel) -> None:
         """Per-deployment set-up of a freshly loaded model (fast path, dtype)."""
@@ -112,28 +170,41 @@ class _ModelReplica:
         self.batched.set_max_batch_size(int(batching["max_batch_size"]))
         self.batched.set_batch_wait_timeout_s(float(batching["batch_wait_timeout_s"]))
 
-    def current(self) -> Loaded:
-        if self.loaded is None:
+    def default_id(self) -> str:
+        if not self.table:
             raise RuntimeError("no model loaded yet")
-        return self.loaded
+        name, location = next(iter(self.table.items()))
+        return model_id(name, location)
+
+    async def current(self) -> Loaded:
+        """The model this request names (Serve's multiplexed model id), else the default."""
+        return await self.get_model(serve.get_multiplexed_model_id() or self.default_id())
+
+    async def models(self) -> dict[str, Any]:
+        """The models served: what the ingress lists and routes by."""
+        return {"models": [{"name": n, "id": model_id(n, loc), "checkpoint": loc[0], "select": loc[1],
+                            "load_error": self.load_errors.get(n)} for n, loc in self.table.items()],
+                "failed": {n: e for n, e in self.load_errors.items() if n not in self.table}}
 
     # --- running batches --------------------------------------------------------------------
 
     async def run_batch(self, fn: Any, items: list[Any]) -> Any:
         """Run ``fn(items)`` in a thread with metrics and stuck-batch tracking."""
         start = time.monotonic()
+        tags = {"deployment": self.deployment, "model": items[0].loaded.name}  # a batch is of one model (Serve splits them)
+        self._probed = items[0].loaded
         for item in items:
             item.started = start
-            self.metrics["queue_wait"].observe(start - item.arrived, tags={"deployment": self.deployment})
-        self.metrics["batch_size"].observe(len(items), tags={"deployment": self.deployment})
+            self.metrics["queue_wait"].observe(start - item.arrived, tags=tags)
+        self.metrics["batch_size"].observe(len(items), tags=tags)
         self._busy_since = start
         try:
             out = await asyncio.to_thread(self._locked, fn, items)
         finally:
             self._busy_since = None
         self._last_ok = time.monotonic()
-        self.metrics["inference"].observe(self._last_ok - start, tags={"deployment": self.deployment})
-        self.metrics["computed"].inc(len(items), tags={"deployment": self.deployment})
+        self.metrics["inference"].observe(self._last_ok - start, tags=tags)
+        self.metrics["computed"].inc(len(items), tags=tags)
         return out
 
     async def batched_or_cancelled(self, item: Any) -> Any:
@@ -144,7 +215,7 @@ class _ModelReplica:
             return await self.batched(item)
         except asyncio.CancelledError:
             stage = "queued" if item.started is None else "running"
-            self.metrics["cancelled"].inc(tags={"deployment": self.deployment, "stage": stage})
+            self.metrics["cancelled"].inc(tags={"deployment": self.deployment, "model": item.loaded.name, "stage": stage})
             raise
 
     def _locked(self, fn: Any, items: list[Any]) -> Any:
@@ -153,17 +224,21 @@ class _ModelReplica:
 
     async def check_health(self) -> None:
         """Called by Serve every health_check_period_s; raising (or timing out) replaces the replica."""
-        if self.loaded is None:
+        if not self.table:
             raise RuntimeError("no model loaded")
         self.metrics["replicas"].set(1, tags={"deployment": self.deployment})  # refreshed: gauges set once can go stale
         timeout = float(self.options["health_check_timeout_s"])
         if self._busy_since is not None and time.monotonic() - self._busy_since > timeout:
             raise RuntimeError(f"a batch has been running for more than {timeout:g} s")
         if time.monotonic() - self._last_ok > float(self.options["health_check_period_s"]):
-            await asyncio.to_thread(self._locked, lambda _: self.probe(), [])  # idle: prove the model still runs
+            # Idle: prove the model used last still runs (not the default: loading it would evict
+            # the model in use when the replica holds one model at a time).
+            loaded = self._probed
+            if loaded is not None:
+                await asyncio.to_thread(self._locked, lambda _: self.probe(loaded.model), [])
             self._last_ok = time.monotonic()
 
-    def probe(self) -> None:
+    def probe(self, model: spade_core.SpadeModel) -> None:
         raise NotImplementedError
 
 
@@ -173,6 +248,7 @@ class SynthesisItem:
     z: torch.Tensor | None
     instance: torch.Tensor | None  # (H, W) int64 instance ids at the model's size
     arrived: float
+    loaded: Loaded  # the model it was checked against and is drawn by
     started: float | None = None  # when its batch's forward pass began
 
 
@@ -187,20 +263,20 @@ class SpadeGenerator(_ModelReplica):
 
     async def info(self) -> dict[str, Any]:
         """What the ingress needs to check requests: the model config and checkpoint identity."""
-        loaded = self.current()
-        return {"config": loaded.model.config.to_dict(), "identity": loaded.identity, "device": self.device,
-                "precision": self.options["precision"], "pid": os.getpid(), "load_error": self.load_error}
+        loaded = await self.current()
+        return {"config": loaded.model.config.to_dict(), "identity": loaded.identity, "name": loaded.name, "device": self.device,
+                "precision": self.options["precision"], "pid": os.getpid(), "load_error": self.load_errors.get(loaded.name)}
 
     async def synthesize(self, labels: np.ndarray, z: np.ndarray | None = None, instance: np.ndarray | None = None) -> dict[str, Any]:
         """(H, W) raw label ids (any size) [+ z (z_dim,)] [+ instance ids (H, W)] -> {"image": (H, W, 3) uint8, ...}."""
         arrived = time.monotonic()
-        loaded = self.current()
-        item = self._check(loaded.model, labels, z, instance, arrived)
+        loaded = await self.current()
+        item = self._check(loaded, labels, z, instance, arrived)
         image, batch_size = await self.batched_or_cancelled(item)
         return {"image": image, "identity": loaded.identity, "batch_size": batch_size}
 
-    def _check(self, model: spade_core.SpadeModel, labels: Any, z: Any, instance: Any, arrived: float) -> SynthesisItem:
-        cfg = model.config
+    def _check(self, loaded: Loaded, labels: Any, z: Any, instance: Any, arrived: float) -> SynthesisItem:
+        cfg = loaded.model.config
         if not isinstance(labels, np.ndarray) or labels.ndim != 2 or labels.dtype.kind not in "iu":
             raise InputError("labels must be an (H, W) integer array of raw label ids")
         size = cfg.generator.output_size
@@ -223,11 +299,11 @@ class SpadeGenerator(_ModelReplica):
             inst = torch.from_numpy(resize_nearest(instance.astype(np.int64), size))
         elif instance is not None:
             raise InputError("this model takes no instance map")
-        return SynthesisItem(labels=ids, z=z_t, instance=inst, arrived=arrived)
+        return SynthesisItem(labels=ids, z=z_t, instance=inst, arrived=arrived, loaded=loaded)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def batched(self, items: list[SynthesisItem]) -> list[tuple[np.ndarray, int]]:
-        model = self.current().model  # one model for the whole batch, even if a swap lands meanwhile
+        model = items[0].loaded.model  # one model per batch (Serve batches by model id), even if a swap lands meanwhile
         images = await self.run_batch(lambda batch: self._forward(model, batch), items)
         return [(image, len(items)) for image in images]
 
@@ -236,15 +312,14 @@ class SpadeGenerator(_ModelReplica):
         instance = torch.stack([i.instance for i in items]) if items[0].instance is not None else None
         return to_uint8(model.synthesize(torch.stack([i.labels for i in items]), z=z, instance=instance))
 
-    def probe(self) -> None:
-        model = self.current().model
+    def probe(self, model: spade_core.SpadeModel) -> None:
         cfg = model.config
         h, w = cfg.generator.output_size
         item = SynthesisItem(
             labels=torch.zeros(h, w, dtype=torch.long),
             z=torch.zeros(cfg.generator.z_dim) if cfg.generator.z_dim else None,
             instance=torch.zeros(h, w, dtype=torch.long) if cfg.labels.instance_edges else None,
-            arrived=time.monotonic(),
+            arrived=time.monotonic(), loaded=None,  # type: ignore[arg-type]  # never batched
         )
         out = self._forward(model, [item])
         if out.shape != (1, h, w, 3):
@@ -261,6 +336,7 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 class StyleItem:
     image: torch.Tensor  # (3, H, W) in [-1, 1]
     arrived: float
+    loaded: Loaded
     started: float | None = None
 
 
@@ -273,27 +349,28 @@ class StyleEncoder(_ModelReplica):
     async def encode(self, rgb: np.ndarray) -> dict[str, Any]:
         """(H, W, 3) uint8 style image -> {"mu": [...], "logvar": [...], "identity": ...}."""
         arrived = time.monotonic()
-        loaded = self.current()
+        loaded = await self.current()
         if loaded.model.encoder is None:
-            raise InputError("this model has no style encoder")
+            raise InputError(f"model {loaded.name} has no style encoder")
         if not isinstance(rgb, np.ndarray) or rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
             raise InputError("style must be an (H, W, 3) uint8 RGB array")
         rgb = resize_rgb(rgb, loaded.model.config.generator.output_size)
         image = torch.from_numpy(np.array(rgb)).permute(2, 0, 1).float() / 127.5 - 1.0
-        mu, logvar = await self.batched_or_cancelled(StyleItem(image=image, arrived=arrived))
+        mu, logvar = await self.batched_or_cancelled(StyleItem(image=image, arrived=arrived, loaded=loaded))
         return {"mu": mu, "logvar": logvar, "identity": loaded.identity}
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def batched(self, items: list[StyleItem]) -> list[tuple[list[float], list[float]]]:
-        model = self.current().model
+        model = items[0].loaded.model
         return await self.run_batch(lambda batch: self._forward(model, batch), items)
 
     def _forward(self, model: spade_core.SpadeModel, items: list[StyleItem]) -> list[tuple[list[float], list[float]]]:
         mu, logvar = model.encode(torch.stack([i.image for i in items]))
         return [(m.tolist(), v.tolist()) for m, v in zip(mu.float().cpu(), logvar.float().cpu())]
 
-    def probe(self) -> None:
-        model = self.current().model
+    def probe(self, model: spade_core.SpadeModel) -> None:
+        if model.encoder is None:
+            return  # a model without encoder among several: nothing for this deployment to prove
         h, w = model.config.generator.output_size
         mu, _ = model.encode(torch.zeros(1, 3, h, w))
         if not torch.isfinite(mu).all():

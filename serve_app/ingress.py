@@ -2,7 +2,8 @@
 
     POST /v1/synthesize   multipart: labels (PNG), [style | style_code], [instance], [seed], [format], [size]
     POST /v1/encode       multipart: style (PNG / JPEG / WebP) -> {"mu": [...], "logvar": [...]}
-    GET  /v1/model        configuration, classes (names, colours), checkpoint identity
+    GET  /v1/model        configuration, classes (names, colours), checkpoint identity  [?model=NAME]
+    GET  /v1/models       the models served (each route takes ``model``; absent: the first)
     GET  /healthz         the ingress runs;  GET /readyz: a generator replica answers
     GET  /docs            OpenAPI
     GET  /                the paint studio (serve_app/studio/: static files, no build step)
@@ -24,7 +25,7 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -273,7 +274,7 @@ async def _read(upload: UploadFile | str | None, field: str) -> bytes | None:
 TextPart = Annotated[str, StringConstraints(min_length=1)]
 
 _UPLOAD_ROUTES = {f"/{API_VERSION}/encode", f"/{API_VERSION}/synthesize"}  # multipart POSTs
-_ROUTES = {"/healthz", "/readyz", f"/{API_VERSION}/model", *_UPLOAD_ROUTES}
+_ROUTES = {"/healthz", "/readyz", f"/{API_VERSION}/model", f"/{API_VERSION}/models", *_UPLOAD_ROUTES}
 
 
 def _parse_style_code(text: str, z_dim: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -309,21 +310,43 @@ class SpadeIngress:
         self.encoder = encoder
         self.settings = ApiSettings.from_dict(settings)
         runtime.settings = self.settings
-        self._info: dict[str, Any] | None = None
-        self._info_time = 0.0
+        self._table: tuple[float, dict[str, Any]] | None = None  # (when, the generator's models())
+        self._info: dict[str, tuple[float, dict[str, Any]]] = {}  # model id -> (when, info)
         self._info_lock = asyncio.Lock()
 
-    # --- model info ---------------------------------------------------------------------
+    # --- models ---------------------------------------------------------------------------
 
-    async def model_info(self, *, fresh: bool = False) -> dict[str, Any]:
+    async def models(self, *, fresh: bool = False) -> dict[str, Any]:
+        """The generator's model table (names, multiplexed ids, checkpoints), at most 5 s old."""
+        if fresh or self._table is None or time.monotonic() - self._table[0] > MODEL_INFO_TTL_S:
+            table = await self._call(lambda: self.generator.models.remote(), timeout=30.0)
+            self._table = (time.monotonic(), table)
+        return self._table[1]
+
+    async def model_id(self, name: str | None, *, fresh: bool = False) -> str:
+        """The multiplexed id of the model ``name`` (None: the first); 400 for a name not served."""
+        served = (await self.models(fresh=fresh))["models"]
+        if name is None:
+            return served[0]["id"]
+        for entry in served:
+            if entry["name"] == name:
+                return entry["id"]
+        raise RequestError(400, f"no model named {name!r}; this app serves {', '.join(e['name'] for e in served)} "
+                                f"(GET /{API_VERSION}/models)")
+
+    async def model_info(self, name: str | None = None, *, fresh: bool = False) -> dict[str, Any]:
+        mid = await self.model_id(name, fresh=fresh)
         async with self._info_lock:
-            if fresh or self._info is None or time.monotonic() - self._info_time > MODEL_INFO_TTL_S:
-                info = await self._call(lambda: self.generator.info.remote(), timeout=30.0)
+            cached = self._info.get(mid)
+            if fresh or cached is None or time.monotonic() - cached[0] > MODEL_INFO_TTL_S:
+                info = await self._call(lambda: self.generator.options(multiplexed_model_id=mid).info.remote(), timeout=60.0)
                 config = ModelConfig.from_dict(info["config"])
                 classes = classes_for(config.labels)
-                self._info = {**info, "model": config, "classes": classes, "palette": Palette(classes.colors)}
-                self._info_time = time.monotonic()
-            return self._info
+                cached = (time.monotonic(), {**info, "id": mid, "model": config, "classes": classes,
+                                             "palette": Palette(classes.colors)})
+                self._info = {k: v for k, v in self._info.items() if time.monotonic() - v[0] <= MODEL_INFO_TTL_S}
+                self._info[mid] = cached
+            return cached[1]
 
     async def _call(self, call: Callable[[], Any], *, timeout: float) -> Any:
         """Await ``call()``, a handle call: 503 when the queue is full, 408 past the timeout, 400
@@ -364,16 +387,25 @@ class SpadeIngress:
     @app.get("/readyz", responses={200: {"description": "a generator replica answers"}, **READY_ERRORS})
     async def readyz(self) -> JSONResponse:
         try:
-            info = await self.model_info(fresh=True)
+            info = await self.model_info(None, fresh=True)
         except Exception as exc:  # not ready, whatever the reason: say so, never 500
             return error_response(503, f"not ready: {exc}")
         return JSONResponse({"status": "ready", "checkpoint": info["identity"], "load_error": info.get("load_error")})
 
-    @app.get(f"/{API_VERSION}/model", responses=INFO_ERRORS)
-    async def model(self) -> dict[str, Any]:
-        info = await self.model_info()
+    @app.get(f"/{API_VERSION}/models", responses=INFO_ERRORS)
+    async def list_models(self) -> dict[str, Any]:
+        table = await self.models()
+        return {"models": [{"name": e["name"], "checkpoint": e["checkpoint"], "select": e["select"], "load_error": e["load_error"],
+                            "default": i == 0} for i, e in enumerate(table["models"])],
+                "failed": table["failed"]}
+
+    @app.get(f"/{API_VERSION}/model", responses=errors(400, 401, 405, 408, 422, 503))
+    async def model(self, model: Annotated[str | None, Query(description="a served model's name (default: the first)")] = None
+                    ) -> dict[str, Any]:
+        info = await self.model_info(model)
         config: ModelConfig = info["model"]
         return {
+            "name": info["name"],
             "checkpoint": info["identity"],
             "load_error": info.get("load_error"),  # the last rollout's failure, while this checkpoint serves on
             "config": info["config"],
@@ -390,16 +422,22 @@ class SpadeIngress:
         }
 
     @app.post(f"/{API_VERSION}/encode", responses=UPLOAD_ERRORS)
-    async def encode(self, style: Annotated[UploadFile | TextPart, File(description="style image: PNG, JPEG or WebP")]) -> dict[str, Any]:
+    async def encode(
+        self,
+        style: Annotated[UploadFile | TextPart, File(description="style image: PNG, JPEG or WebP")],
+        model: Annotated[str | None, Form(description="a served model's name (default: the first)")] = None,
+    ) -> dict[str, Any]:
+        info = await self.model_info(model)
         data = await _read(style, "style")
         rgb = rgb_image(data, field="style", max_pixels=self.settings.limits.max_pixels)
-        out = await self._encode(rgb)
+        out = await self._encode(info, rgb)
         return {"mu": out["mu"], "logvar": out["logvar"], "checkpoint": out["identity"]}
 
-    async def _encode(self, rgb: np.ndarray) -> dict[str, Any]:
-        if self.encoder is None:
+    async def _encode(self, info: dict[str, Any], rgb: np.ndarray) -> dict[str, Any]:
+        if self.encoder is None or info["model"].generator.z_dim is None:
             raise RequestError(400, "this model has no style encoder (it was not trained as a VAE): send no style")
-        return await self._call(lambda: self.encoder.encode.remote(rgb), timeout=self.settings.limits.request_timeout_s)
+        handle = self.encoder.options(multiplexed_model_id=info["id"])
+        return await self._call(lambda: handle.encode.remote(rgb), timeout=self.settings.limits.request_timeout_s)
 
     @app.post(
         f"/{API_VERSION}/synthesize",
@@ -410,6 +448,7 @@ class SpadeIngress:
                 "description": "the image",
                 "headers": {
                     "X-Checkpoint": {"description": "identity of the checkpoint that drew it", "schema": {"type": "string"}},
+                    "X-Model": {"description": "the served model's name", "schema": {"type": "string"}},
                     "X-Batch-Size": {"description": "requests merged into its batch", "schema": {"type": "string"}},
                 },
             },
@@ -425,13 +464,14 @@ class SpadeIngress:
         seed: Annotated[int | None, Form(ge=0, le=2**53 - 1)] = None,  # JSON numbers are exact up to 2**53
         format: Annotated[str | None, Form(description="png, jpeg or webp (any case)")] = None,  # noqa: A002 - the API's name
         size: Annotated[str | None, Form(description="'WIDTHxHEIGHT', 'original', or absent (the model's)")] = None,
+        model: Annotated[str | None, Form(description="a served model's name (default: the first)")] = None,
     ) -> Response:
         started = time.monotonic()
         limits = self.settings.limits
         fmt = (format or self.settings.default_format).lower()
         if fmt not in MEDIA_TYPES:
             raise RequestError(400, f"format must be one of {', '.join(sorted(MEDIA_TYPES))}, got {format!r}")
-        info = await self.model_info()
+        info = await self.model_info(model)
         config: ModelConfig = info["model"]
         ids = label_ids(await _read(labels, "labels"), field="labels", palette=info["palette"], max_pixels=limits.max_pixels)
         out_size = parse_size(size, original=ids.shape, model=config.generator.output_size, max_side=limits.max_output_side)
@@ -444,20 +484,22 @@ class SpadeIngress:
                 raise RequestError(400, f"instance is {inst.shape[1]}x{inst.shape[0]} but labels is {ids.shape[1]}x{ids.shape[0]}")
         elif config.labels.instance_edges:
             raise RequestError(400, "this model needs an instance field (instance-id PNG of the label map's size)")
-        z = await self._style_code(config, style, style_code, seed, timeout=limits.request_timeout_s)
+        z = await self._style_code(info, style, style_code, seed, timeout=limits.request_timeout_s)
         remaining = limits.request_timeout_s - (time.monotonic() - started)
-        result = await self._call(lambda: self.generator.synthesize.remote(ids, z, inst), timeout=max(remaining, 0.001))
+        handle = self.generator.options(multiplexed_model_id=info["id"])  # Serve routes it to a replica holding the model
+        result = await self._call(lambda: handle.synthesize.remote(ids, z, inst), timeout=max(remaining, 0.001))
         rgb = resize_rgb(result["image"], out_size)
         body = await asyncio.to_thread(encode_image, rgb, fmt, quality=self.settings.jpeg_quality)
-        headers = {"X-Checkpoint": result["identity"], "X-Batch-Size": str(result["batch_size"])}
+        headers = {"X-Checkpoint": result["identity"], "X-Model": info["name"],
+                   "X-Batch-Size": str(result["batch_size"])}
         return Response(content=body, media_type=MEDIA_TYPES[fmt], headers=headers)
 
     async def _style_code(
-        self, config: ModelConfig, style: UploadFile | str | None, style_code: str | None, seed: int | None, *, timeout: float
+        self, info: dict[str, Any], style: UploadFile | str | None, style_code: str | None, seed: int | None, *, timeout: float
     ) -> np.ndarray | None:
         """z for VAE models: from the style image (mu, or a sample around it with a seed), the
         given code, or N(0, I) from the seed (random without one); None for other models."""
-        z_dim = config.generator.z_dim
+        z_dim = info["model"].generator.z_dim
         if z_dim is None:
             if style is not None or style_code is not None:
                 raise RequestError(400, "this model has no style input (it was not trained with an encoder): send neither style nor style_code")
@@ -467,7 +509,7 @@ class SpadeIngress:
         rng = np.random.default_rng(seed)
         if style is not None:
             rgb = rgb_image(await _read(style, "style"), field="style", max_pixels=self.settings.limits.max_pixels)
-            code = await self._encode(rgb)
+            code = await self._encode(info, rgb)
             mu, logvar = np.asarray(code["mu"], np.float32), np.asarray(code["logvar"], np.float32)
             if seed is None:
                 return mu  # deterministic, as spade_core's synthesize(style=...)

@@ -6,20 +6,20 @@ series, with Ray's ``ray_`` prefix; counters get ``_total``:
 
 * ``ray_spade_serve_requests_total{route, status}`` (499: the client hung up first; 500: a bug)
 * ``ray_spade_serve_request_latency_seconds{route}`` (histogram, ingress: whole request)
-* ``ray_spade_serve_batch_size{deployment}`` (histogram of merged batch sizes)
-* ``ray_spade_serve_computed_requests_total{deployment}`` (requests a forward pass computed: images
+* ``ray_spade_serve_batch_size{deployment, model}`` (histogram of merged batch sizes)
+* ``ray_spade_serve_computed_requests_total{deployment, model}`` (requests a forward pass computed: images
   drawn, styles encoded; a counter, because Ray 2.60 reports a histogram's ``_sum`` from its
   buckets' midpoints: five batches of 1 read 2.5)
-* ``ray_spade_serve_queue_wait_seconds{deployment}`` (histogram: arrival at a replica -> its batch starts)
-* ``ray_spade_serve_inference_seconds{deployment}`` (histogram: one batch's forward pass)
+* ``ray_spade_serve_queue_wait_seconds{deployment, model}`` (histogram: arrival at a replica -> its batch starts)
+* ``ray_spade_serve_inference_seconds{deployment, model}`` (histogram: one batch's forward pass)
 * ``ray_spade_serve_replicas{deployment}`` (gauge, 1 per live replica: ``sum by (deployment)``)
-* ``ray_spade_serve_model_loads_total{deployment}`` (checkpoint loads, the first and every swap)
-* ``ray_spade_serve_model_load_failures_total{deployment}`` (new checkpoints that failed to load)
+* ``ray_spade_serve_model_loads_total{deployment, model}`` (checkpoint loads, the first and every swap)
+* ``ray_spade_serve_model_load_failures_total{deployment, model}`` (new checkpoints that failed to load)
 * ``ray_spade_serve_replica_failures_total{retried}`` (model calls whose replica died: sent again, or 503)
-* ``ray_spade_serve_cancelled_requests_total{deployment, stage}`` (calls whose client hung up, reaching
+* ``ray_spade_serve_cancelled_requests_total{deployment, model, stage}`` (calls whose client hung up, reaching
   the replica: ``queued``, left out of the batches, or ``running``, its batch already computing)
 
-A client that hangs up is counted by the ingress as ``requests_total{status="499"}`` (nginx's
+``model`` is the served model's name (``default`` for a single-checkpoint app). A client that hangs up is counted by the ingress as ``requests_total{status="499"}`` (nginx's
 code for it; the client never sees it).
 
 A ``prometheus_client`` metric inside a replica would need an HTTP port per replica
@@ -48,29 +48,29 @@ def series() -> dict[str, Any]:
         ),
         "batch_size": Histogram(
             "spade_serve_batch_size", description="Requests merged into one forward pass",
-            boundaries=BATCH_BUCKETS, tag_keys=("deployment",),
+            boundaries=BATCH_BUCKETS, tag_keys=("deployment", "model"),
         ),
         "computed": Counter(
             "spade_serve_computed_requests", description="Requests computed by forward passes (images drawn, styles encoded)",
-            tag_keys=("deployment",),
+            tag_keys=("deployment", "model"),
         ),
         "queue_wait": Histogram(
             "spade_serve_queue_wait_seconds", description="Wait from arrival at a replica to the start of its batch",
-            boundaries=LATENCY_BUCKETS, tag_keys=("deployment",),
+            boundaries=LATENCY_BUCKETS, tag_keys=("deployment", "model"),
         ),
         "inference": Histogram(
             "spade_serve_inference_seconds", description="Forward pass time of one batch",
-            boundaries=LATENCY_BUCKETS, tag_keys=("deployment",),
+            boundaries=LATENCY_BUCKETS, tag_keys=("deployment", "model"),
         ),
         "replicas": Gauge("spade_serve_replicas", description="Live replicas (1 per replica; sum them)", tag_keys=("deployment",)),
-        "loads": Counter("spade_serve_model_loads", description="Checkpoint loads (start-up and swaps)", tag_keys=("deployment",)),
+        "loads": Counter("spade_serve_model_loads", description="Checkpoint loads (start-up and swaps)", tag_keys=("deployment", "model")),
         "load_failures": Counter(
             "spade_serve_model_load_failures", description="Checkpoints that failed to load (the old model kept serving)",
-            tag_keys=("deployment",),
+            tag_keys=("deployment", "model"),
         ),
         "cancelled": Counter(
             "spade_serve_cancelled_requests", description="Model calls cancelled because the client hung up, by stage",
-            tag_keys=("deployment", "stage"),
+            tag_keys=("deployment", "model", "stage"),
         ),
         "replica_failures": Counter(
             "spade_serve_replica_failures", description="Model calls whose replica died under them (retried: sent again)",

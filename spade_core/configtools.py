@@ -174,6 +174,11 @@ def build(cls: type, data: Any, where: str = "", *, builders: Builders | None = 
 
 
 def _convert(value: Any, tp: Any, key: str, builders: Builders | None) -> Any:
+    items = list_section_type(tp)
+    if items is not None:  # a list of sections: tuple[X, ...] in the schema, a YAML list in the file
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key} must be a list of mappings, got {kind_of(value)}")
+        return tuple(build(items, v, f"{key}[{i}]", builders=builders) for i, v in enumerate(value))
     section = section_type(tp)
     if section is None:
         return typed(value, tp, key)
@@ -230,6 +235,9 @@ def _match(value: Any, tp: Any, key: str) -> tuple[bool, Any]:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         return isinstance(value, tp), value
+    if list_section_type(tp) is not None:
+        items = list_section_type(tp)
+        return isinstance(value, tuple) and all(isinstance(v, items) for v in value), value
     if origin is Literal:
         return any(value == arg and type(value) is type(arg) for arg in typing.get_args(tp)), value
     if origin in (typing.Union, types.UnionType):
@@ -266,6 +274,8 @@ def describe(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         return "a mapping (section)"
+    if list_section_type(tp) is not None:
+        return "a list of mappings"
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
@@ -300,6 +310,14 @@ def section_type(tp: Any) -> type | None:
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         sections = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
         return sections[0] if len(sections) == 1 else None
+    return None
+
+
+def list_section_type(tp: Any) -> type | None:
+    """X for a field of type ``tuple[X, ...]`` where X is a dataclass, else None."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is tuple and len(args) == 2 and args[1] is Ellipsis and dataclasses.is_dataclass(args[0]):
+        return args[0]
     return None
 
 

@@ -33,7 +33,7 @@ def png(array: np.ndarray) -> bytes:
 @pytest.mark.parametrize(
     "data,message",
     [
-        ({}, "checkpoint is required"),
+        ({}, "give either checkpoint .one model. or models"),
         ({"checkpoint": "x", "generatr": {}}, "unknown key generatr"),
         ({"checkpoint": "x", "generator": {"num_gpus": -1}}, "generator.num_gpus must be >= 0"),
         ({"checkpoint": "x", "ingress": {"autoscaling": {"min_replicas": 3, "max_replicas": 2}}}, "ingress.autoscaling.max_replicas"),
@@ -214,14 +214,14 @@ def test_replica_health_check_probes_an_idle_model_and_fails_a_stuck_batch(tmp_p
         await replica.reconfigure({"checkpoint": str(tmp_path / "ckpt")})
         await replica.check_health()  # idle: the probe runs a 1-image inference
         await replica.reconfigure({"checkpoint": str(tmp_path / "ckpt"), "select": "best"})  # a broken rollout
-        assert replica.loaded.location == (str(tmp_path / "ckpt"), "latest")  # the old model keeps serving
-        assert "is a checkpoint, not a training run" in (await replica.info())["load_error"]
+        assert replica.table == {"default": (str(tmp_path / "ckpt"), "latest")}  # the old model keeps serving
+        assert "is a checkpoint, not a training run" in replica.load_errors["default"]
         replica._busy_since = time.monotonic() - 1.0
         with pytest.raises(RuntimeError, match="running for more than 0.5 s"):
             await replica.check_health()
         replica._busy_since = None
-        replica.loaded.model._fast = None  # break the model: the probe must notice
-        replica.loaded.model.generator.fc = None
+        replica._probed.model._fast = None  # break the model: the probe must notice
+        replica._probed.model.generator.fc = None
         time.sleep(0.02)
         with pytest.raises(Exception):
             await replica.check_health()

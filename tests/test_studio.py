@@ -196,3 +196,29 @@ def test_the_studio_files_are_served_and_nothing_outside_their_folder(studio) ->
     for escape in ("/studio/../ingress.py", "/studio/%2e%2e/ingress.py", "/studio/..%2fconfig.py"):
         r = requests.get(base + escape, timeout=30)
         assert r.status_code == 404 and "InputError" not in r.text, escape
+def test_switching_models_resizes_and_relabels_the_canvas(ray_cluster, browser, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from spade_core.config import GeneratorConfig, LabelConfig, ModelConfig, SpadeConfig
+
+    square = ModelConfig(labels=LabelConfig(label_nc=12), generator=GeneratorConfig(ngf=8, crop_size=64, spade=SpadeConfig(hidden=16)))
+    wide = ModelConfig(labels=LabelConfig(label_nc=6), generator=GeneratorConfig(ngf=8, crop_size=64, aspect_ratio=2.0,
+                                                                                  spade=SpadeConfig(hidden=16)))
+    args = {"models": [{"name": "square", "checkpoint": str(drills.write_checkpoint(square, tmp_path / "square"))},
+                       {"name": "wide", "checkpoint": str(drills.write_checkpoint(wide, tmp_path / "wide", seed=1))}],
+            "ingress": {"num_cpus": 0.1}, "generator": {"num_cpus": 0.2}}
+    with drills.running_app(args) as base:
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(base + "/")
+        page.wait_for_function("document.getElementById('photo').dataset.seq !== undefined", timeout=60_000)
+        assert page.is_visible("#model-picker") and page.eval_on_selector("#model", "s => s.options.length") == 2
+        page.click('#palette button[data-id="9"]')  # class_9: the wide model has 6 classes
+        drag(page, [(0.1, 0.5), (0.9, 0.5)])
+        seq = photo_seq(page)
+        page.select_option("#model", "wide")
+        page.wait_for_function("document.getElementById('notice').textContent.includes('Model changed')", timeout=60_000)
+        wait_new_photo(page, seq)
+        message = page.inner_text("#notice")
+        assert "resized to the model's 64×32" in message and "became class_0" in message, message
+        assert page.evaluate("[document.getElementById('canvas').width, document.getElementById('canvas').height]") == [64, 32]
+        assert page.inner_text("#status").startswith("wide")
+        page.screenshot(path=str(SHOTS / "model_switch.png"))
+        page.close()

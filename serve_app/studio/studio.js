@@ -82,10 +82,12 @@ function modelQuery() {
   return state.model !== null ? `?model=${encodeURIComponent(state.model)}` : "";
 }
 
-function say(text, kind = "error") {
-  const box = $("message");
-  box.textContent = text;
-  box.className = kind;
+function say(text) { // errors: the next request that succeeds clears them
+  $("message").textContent = text;
+}
+
+function note(text) { // what the page did on its own (a model switch, a file loaded): stays until the next note
+  $("notice").textContent = text;
 }
 
 // --- model ------------------------------------------------------------------------------------
@@ -125,7 +127,8 @@ async function loadModel() {
   buildPalette();
   buildSamples();
   render();
-  $("status").textContent = `${info.checkpoint.split("#")[0].split("/").pop()} · ${info.classes.length} classes · ${width}×${height}`;
+  const label = state.models.length > 1 ? info.name : info.checkpoint.split("#")[0].split("/").pop();
+  $("status").textContent = `${label} · ${info.classes.length} classes · ${width}×${height}`;
 }
 
 /** Another model: same size or resized (nearest), classes mapped by name, the rest unlabeled. */
@@ -150,7 +153,7 @@ function relabel(before, after) {
   const notes = [];
   if (resized) notes.push(`the canvas was resized to the model's ${width}×${height}`);
   if (lost) notes.push(`${lost} pixels of classes this model lacks became ${after.classes[0].name}`);
-  if (notes.length) say(`Model changed: ${notes.join("; ")}.`, "info");
+  note(notes.length ? `Model changed: ${notes.join("; ")}.` : "");
 }
 
 // --- palette ------------------------------------------------------------------------------------
@@ -400,7 +403,7 @@ async function synthesize() {
       img.dataset.seq = String(seq);
     }
     state.retry = 0;
-    if ($("message").className !== "info") say("");
+    say("");
   } catch (err) {
     say(err.message);
     if (err.status === 0 || err.status === 503) { // restarting or busy: try again, a little later each time
@@ -462,7 +465,7 @@ async function loadLabels(file) {
     snapshot();
     state.ids = map.ids;
     render();
-    say(`Loaded ${file.name} (${map.kind === "ids" ? "class ids" : "palette colours"}).`, "info");
+    note(`Loaded ${file.name} (${map.kind === "ids" ? "class ids" : "palette colours"}).`);
     schedule();
   } catch (err) {
     say(err.message);
