@@ -11,16 +11,17 @@ const DEBOUNCE_MS = 120;
 const HISTORY = 50;
 const RECENT_STYLES = 6;
 
-// Groups people think in, by class name; the first rule that matches wins, the rest is "other".
+// Groups people think in, by whole words of a class name ("seat" is no sea); the first rule
+// that matches wins, the rest is "other".
 const GROUPS = [
-  ["sky and weather", /^(sky|cloud|fog|rain|snow|sun)/],
-  ["water", /(water|sea|river|lake|waterfall|fountain|pool|swimming)/],
-  ["plants", /(tree|grass|plant|flower|palm|bush|hedge|moss|leaves|straw)/],
-  ["mountains and rock", /(mountain|hill|rock|stone|cliff|gravel)/],
-  ["ground", /(floor|road|ground|earth|sand|field|path|sidewalk|dirt|runway|land|pavement|platform|playingfield|carpet|rug|mud)/],
-  ["buildings and structures", /(building|wall|house|skyscraper|tower|bridge|fence|column|stair|step|ceiling|door|window|roof|railing|hovel|booth|tent|awning|pier|dam|arcade|bannister|wall)/],
-  ["people and animals", /(person|animal|bird|dog|cat|horse|cow|sheep)/],
-  ["vehicles", /(car|bus|truck|van|boat|ship|airplane|bicycle|motorbike|train|minibike)/],
+  ["sky and weather", /\b(sky|cloud|fog|rain|snow|sun)s?\b/],
+  ["water", /\b(water|sea|river|lake|waterfall|fountain|pool|swimming)s?\b/],
+  ["plants", /\b(tree|grass|plant|flower|palm|bush|hedge|moss|leaves|straw)s?\b/],
+  ["mountains and rock", /\b(mountain|hill|rock|stone|cliff|gravel)s?\b/],
+  ["ground", /\b(floor|road|ground|earth|sand|field|path|sidewalk|dirt|runway|land|pavement|platform|playingfield|carpet|rug|mud)s?\b/],
+  ["buildings and structures", /\b(building|wall|house|skyscraper|tower|bridge|fence|column|stair|step|ceiling|door|window|roof|railing|hovel|booth|tent|awning|pier|dam|arcade|bannister)s?\b/],
+  ["people and animals", /\b(person|animal|bird|dog|cat|horse|cow|sheep)s?\b/],
+  ["vehicles", /\b(car|bus|truck|van|boat|ship|airplane|bicycle|motorbike|train|minibike)s?\b/],
 ];
 
 // Sample layouts: bands of classes found by name (a sample whose classes the model lacks is disabled).
