@@ -14,6 +14,7 @@ Processes are found through /proc (Linux), so no extra dependency is needed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -85,17 +86,9 @@ def wait_session_gone(sid: int, timeout: float) -> list[str]:
     left = session_pids(sid)
     names = [cmdline(pid)[:160] for pid in left]
     for pid in left:
-        with _quiet():
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     return names
-
-
-class _quiet:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type[BaseException] | None, *_: object) -> bool:
-        return kind is not None and issubclass(kind, ProcessLookupError)
 
 
 def start(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
@@ -146,20 +139,9 @@ def logged_steps(run: Path) -> list[int]:
         return []
     steps = []
     for line in path.read_text().splitlines():
-        with _ignore(ValueError):
+        with contextlib.suppress(ValueError):
             steps.append(int(json.loads(line)["step"]))
     return steps
-
-
-class _ignore:
-    def __init__(self, *kinds: type[BaseException]) -> None:
-        self.kinds = kinds
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type[BaseException] | None, *_: object) -> bool:
-        return kind is not None and issubclass(kind, self.kinds)
 
 
 def checkpoint_step(path: Path | None) -> int | None:
@@ -302,7 +284,7 @@ def kill_prepare_drill(root: Path, *, runs: int = 4, kills_per_run: int = 3, n: 
         for _ in range(kills_per_run):
             target = rng.randint(len(parts(out)), shards)
             proc = start(cmd(out), root / f"prepare{r}.log")
-            with _ignore(RuntimeError):  # it may finish first: then nothing was left to interrupt
+            with contextlib.suppress(RuntimeError):  # it may finish first: then nothing was left to interrupt
                 wait_for(lambda: len(parts(out)) >= target, timeout=600, proc=proc, poll=0.01)
                 time.sleep(rng.uniform(0.0, per_shard))
             finished = proc.poll() is not None
