@@ -31,6 +31,7 @@ from spade_core.runs import Select
 from spade_core.semantics import label_channels
 
 from .checkpoints import load_model
+from .config import DEFAULT_MODEL  # the model of a single-checkpoint user_config
 from .images import resize_nearest, resize_rgb
 from .metrics import series
 
@@ -44,7 +45,6 @@ class InputError(ValueError):
 
 
 Location = tuple[str, Select]  # (checkpoint, select) as user_config gives them
-DEFAULT_MODEL = "default"  # the model of a single-checkpoint user_config (serve_app.config says the same)
 
 
 @dataclass
