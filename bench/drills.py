@@ -389,19 +389,25 @@ def kill_controller_drill(base: str, *, clients: int, seconds: float, kill_at: f
     import ray
     from ray import serve
 
+    def controller_pid() -> int:
+        controller = ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
+        return ray.get(controller.__ray_call__.remote(lambda _: os.getpid()), timeout=2.0)
+
     restarted_at = None
     with Load(base + "/v1/synthesize", clients) as load:
         while load.now() < kill_at:
             time.sleep(0.1)
-        controller = ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
-        ray.kill(controller, no_restart=False)  # Serve's controller is restartable: Ray brings it back
+        old_pid = controller_pid()
+        ray.kill(ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve"), no_restart=False)  # Ray restarts it
         killed_at = load.now()
         while load.now() < seconds:
+            # ray.kill is asynchronous: the old controller may still answer for a moment, so
+            # "back" means a new process whose application reads RUNNING again
             if restarted_at is None:
                 with contextlib.suppress(Exception):
-                    if serve.status().applications["drill"].status == "RUNNING":
+                    if controller_pid() != old_pid and serve.status().applications["drill"].status == "RUNNING":
                         restarted_at = load.now()
-            time.sleep(0.5)
+            time.sleep(0.1)
     answers = load.answers
     during = [a for a in answers if killed_at <= a.sent <= (restarted_at or seconds)]
     return {"clients": clients, "sent": len(answers), "statuses": statuses(answers), "sent_while_down": len(during),
