@@ -46,7 +46,7 @@ const state = {
   style: null,         // {kind: "code", mu, label} | {kind: "seed", seed}
   recent: [],
   photo: null,         // the last photo's Blob
-  inFlight: false, pending: false, seq: 0, shown: 0, timer: 0, retry: 0,
+  inFlight: false, pending: false, seq: 0, shown: 0, timer: 0, retry: 0, outage: false,
   token: sessionStorage.getItem("spade-token") || "",
 };
 
@@ -405,15 +405,32 @@ async function synthesize() {
     }
     state.retry = 0;
     say("");
+    if (state.outage) await reconnected();
   } catch (err) {
     say(err.message);
-    if (err.status === 0 || err.status === 503) { // restarting or busy: try again, a little later each time
-      state.retry = Math.min(state.retry + 1, 5);
+    if (RESTARTING.includes(err.status)) { // down, still starting or busy: try again, a little later each time
+      state.outage = state.outage || err.status !== 503;
+      state.retry = Math.min(state.retry + 1, 4);
       setTimeout(schedule, 500 * 2 ** state.retry);
     }
   } finally {
     state.inFlight = false;
     if (state.pending) synthesize();
+  }
+}
+
+// No answer (0), Serve's proxy before the app is routed again (404: the app's own routes
+// never answer 404), a gateway in between (502, 504), or a full queue (503).
+const RESTARTING = [0, 404, 502, 503, 504];
+
+/** Back after an outage: the server may have come back with another model. */
+async function reconnected() {
+  state.outage = false;
+  try {
+    const info = await (await api(`/v1/model${modelQuery()}`)).json();
+    if (info.checkpoint !== state.info.checkpoint) { await loadModel(); schedule(); }
+  } catch (err) {
+    say(err.message);
   }
 }
 
