@@ -55,13 +55,13 @@ def scene(seed: int, size: int = 256) -> np.ndarray:
 
 def raw_throughput(model: spade_core.SpadeModel, batch: int, seconds: float) -> float:
     """Images/s of the batched model as a replica runs it: synthesis, then uint8 on the host."""
-    from serve_app.deployments import to_uint8
+    from serve_app.deployments import photos
 
     labels = torch.from_numpy(np.stack([scene(i) for i in range(batch)]).astype(np.int64))
-    to_uint8(model.synthesize(labels))  # warm-up; the host copy also waits for a GPU to finish
+    photos(model.synthesize(labels))  # warm-up; the host copy also waits for a GPU to finish
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        to_uint8(model.synthesize(labels))
+        photos(model.synthesize(labels))
         n += batch
     return n / (time.perf_counter() - start)
 

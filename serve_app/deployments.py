@@ -27,6 +27,7 @@ import torch
 from ray import serve
 
 import spade_core
+from spade_core.preprocess import to_uint8, to_unit_range
 from spade_core.runs import Select
 from spade_core.semantics import label_channels
 
@@ -310,7 +311,7 @@ class SpadeGenerator(_ModelReplica):
     def _forward(self, model: spade_core.SpadeModel, items: list[SynthesisItem]) -> np.ndarray:
         z = torch.stack([i.z for i in items]) if items[0].z is not None else None
         instance = torch.stack([i.instance for i in items]) if items[0].instance is not None else None
-        return to_uint8(model.synthesize(torch.stack([i.labels for i in items]), z=z, instance=instance))
+        return photos(model.synthesize(torch.stack([i.labels for i in items]), z=z, instance=instance))
 
     def probe(self, model: spade_core.SpadeModel) -> None:
         cfg = model.config
@@ -326,10 +327,9 @@ class SpadeGenerator(_ModelReplica):
             raise RuntimeError(f"health probe produced {out.shape}")
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, rounded as torchvision's save_image."""
-    x = ((images.float().clamp(-1, 1) + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8)
-    return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+def photos(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, what the ingress encodes."""
+    return to_uint8(images).permute(0, 2, 3, 1).contiguous().numpy()
 
 
 @dataclass
@@ -355,7 +355,7 @@ class StyleEncoder(_ModelReplica):
         if not isinstance(rgb, np.ndarray) or rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
             raise InputError("style must be an (H, W, 3) uint8 RGB array")
         rgb = resize_rgb(rgb, loaded.model.config.generator.output_size)
-        image = torch.from_numpy(np.array(rgb)).permute(2, 0, 1).float() / 127.5 - 1.0
+        image = to_unit_range(torch.from_numpy(np.array(rgb)).permute(2, 0, 1))
         mu, logvar = await self.batched_or_cancelled(StyleItem(image=image, arrived=arrived, loaded=loaded))
         return {"mu": mu, "logvar": logvar, "identity": loaded.identity}
 

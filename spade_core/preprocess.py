@@ -257,6 +257,22 @@ _UNIT_TABLE = np.arange(256, dtype=np.float32) / np.float32(255) * np.float32(2)
 _UNIT_TABLE.flags.writeable = False
 
 
+def to_uint8(images: Any) -> Any:
+    """Images in [-1, 1] (numpy array or torch tensor, any layout) -> uint8, same layout; tensors
+    come back on the CPU. The inverse of ``to_unit_range`` and the one rounding the project
+    uses for every picture it writes or serves: clamp, ``(x + 1) * 127.5``, round half to even
+    (what numpy's ``rint`` and torch's ``round`` both do), so a saved PNG, a served image and an
+    evaluated one hold the same bytes for the same output.
+    """
+    if isinstance(images, np.ndarray):
+        return np.rint((np.clip(images.astype(np.float32), -1, 1) + 1) * np.float32(127.5)).astype(np.uint8)
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(images, torch.Tensor):
+        _require(images.is_floating_point(), f"images must be floating point, got {images.dtype}")
+        return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    raise ValueError(f"images must be a float numpy array or torch tensor, got {type(images).__name__}")
+
+
 def transform_image(image: Image.Image, config: PreprocessConfig, params: AugmentParams) -> np.ndarray:
     """The photo as the reference feeds it to the networks: (3, H, W) float32 in [-1, 1]."""
     return np.ascontiguousarray(to_unit_range(transform_image_uint8(image, config, params)).transpose(2, 0, 1))

@@ -19,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .checkpoint import SpadeModel, build_model, load_checkpoint
 from .config import GeneratorConfig, ModelConfig
+from .preprocess import to_uint8, to_unit_range
 from .semantics import colorize
 from .testing import randomize_weights
 
@@ -44,13 +45,12 @@ def read_style_image(path: str | Path) -> torch.Tensor:
             rgb = np.array(img.convert("RGB"))
     except (UnidentifiedImageError, OSError) as exc:
         raise ValueError(f"{path} is not a readable image: {exc}") from exc
-    return torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255 * 2 - 1
+    return to_unit_range(torch.from_numpy(rgb).permute(2, 0, 1)[None])
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
     """(3, H, W) in [-1, 1] -> RGB PIL image."""
-    array = ((image.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(array)
+    return Image.fromarray(to_uint8(image).permute(1, 2, 0).numpy())
 
 
 def tiny_model(seed: int = 0) -> SpadeModel:

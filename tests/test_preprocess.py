@@ -362,3 +362,16 @@ def test_reference_random_stream_is_not_needed() -> None:
     flip = r.random() > 0.5
     params = AugmentParams(crop_pos=pos, flip=flip)
     assert np.array_equal(transform_image(photo, cfg, params), ref_image(photo, cfg, pos, flip))
+
+
+def test_to_uint8_inverts_to_unit_range_with_one_rounding_for_arrays_and_tensors() -> None:
+    from spade_core.preprocess import to_uint8
+
+    every = np.arange(256, dtype=np.uint8)
+    assert np.array_equal(to_uint8(to_unit_range(every)), every)  # the round trip is exact
+    assert np.array_equal(to_uint8(torch.from_numpy(to_unit_range(every))).numpy(), every)
+    x = np.array([-2.0, -1.0, 0.0, 1.0, 5.0], dtype=np.float32)  # clamped; 127.5 rounds half to even
+    want = np.array([0, 0, 128, 255, 255], dtype=np.uint8)
+    assert np.array_equal(to_uint8(x), want) and np.array_equal(to_uint8(torch.from_numpy(x)).numpy(), want)
+    with pytest.raises(ValueError, match="floating point"):
+        to_uint8(torch.zeros(3, dtype=torch.uint8))

@@ -69,7 +69,7 @@ def png(array: np.ndarray) -> bytes:
 
 def expected_image(model: spade_core.SpadeModel, labels: np.ndarray, **kwargs: object) -> np.ndarray:
     out = model.synthesize(torch.from_numpy(labels.astype(np.int64))[None], **kwargs)
-    return ((out.clamp(-1, 1) + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0).numpy()
+    return ((out.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[0].permute(1, 2, 0).numpy()
 
 
 def decode(content: bytes) -> np.ndarray:
@@ -151,7 +151,7 @@ def test_synthesis_equals_the_model_with_a_style_image(server) -> None:  # type:
     r = post(server["url"] + "/v1/synthesize", {"labels": png(labels), "style": png(style)})
     assert r.status_code == 200, r.text
     assert r.headers["content-type"] == "image/png"
-    style_t = torch.from_numpy(style).permute(2, 0, 1)[None].float() / 127.5 - 1
+    style_t = torch.from_numpy(style).permute(2, 0, 1)[None].float() / 255 * 2 - 1
     want = expected_image(server["models"]["vae"], labels, style=style_t)
     got = decode(r.content)
     assert got.shape == want.shape == (64, 64, 3)

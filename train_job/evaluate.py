@@ -68,7 +68,7 @@ from spade_core.metrics.inception import BLOCK_BY_DIMS, FID_WEIGHTS_FILE, FID_WE
 from spade_core.metrics.kid import KID_SEED, KID_SUBSET_SIZE, KID_SUBSETS
 from spade_core.nvlabs import NET_FILES
 from spade_core.runs import Select, checkpoint_in
-from spade_core.preprocess import PreprocessConfig, to_unit_range
+from spade_core.preprocess import PreprocessConfig, to_uint8, to_unit_range
 from spade_core.semantics import classes_for, colorize
 
 from .datasets import DatasetError, max_label_id, normalize_split
@@ -356,11 +356,6 @@ def prepare_evaluation(opts: EvalOptions) -> EvalPlan:
 # The actor
 
 
-def _to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Generator output in [-1, 1] (B, 3, H, W) -> uint8 on the CPU, as a saved PNG holds it (one rounding)."""
-    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-
-
 def _write_temp(directory: str, name: str, data: bytes) -> Path:
     path = Path(directory) / name
     path.write_bytes(data)
@@ -424,14 +419,14 @@ class Evaluator:
         """Each generated set of a batch as uint8 (B, 3, H, W): labels raw ids (B, H, W), real uint8 (B, 3, H, W)."""
         model = self.model
         if model.encoder is None:
-            return {"generated": _to_uint8(model.synthesize(labels, instance=instance))}
+            return {"generated": to_uint8(model.synthesize(labels, instance=instance))}
         style = to_unit_range(real).to(self.device)
         # one code per image from (seed, key), as the pipeline seeds per-example choices: batch-independent
         z = np.stack([np.random.default_rng([self.seed, zlib.crc32(k.encode())]).standard_normal(self.z_dim, dtype=np.float32)
                       for k in keys])
         return {
-            "style": _to_uint8(model.synthesize(labels, style=style, instance=instance)),
-            "random": _to_uint8(model.synthesize(labels, z=torch.from_numpy(z), instance=instance)),
+            "style": to_uint8(model.synthesize(labels, style=style, instance=instance)),
+            "random": to_uint8(model.synthesize(labels, z=torch.from_numpy(z), instance=instance)),
         }
 
     def confusion(self, images: torch.Tensor, labels: torch.Tensor) -> np.ndarray:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from spade_core.preprocess import to_uint8, to_unit_range
 from spade_core.semantics import ClassInfo, colorize
 
 _PROM: dict[str, Any] = {}
@@ -189,10 +190,9 @@ def sample_grid(
     """An (H, W, 3) uint8 image with one row per example: colourised label | generated | real
     (images in [-1, 1], labels raw ids)."""
     n = min(max_rows, labels.shape[0])
-    colors = colorize(labels[:n].cpu(), classes).float() / 127.5 - 1
+    colors = to_unit_range(colorize(labels[:n].cpu(), classes))
     rows = [torch.cat([colors[i], fake[i].float().cpu(), real[i].float().cpu()], dim=2) for i in range(n)]
-    grid = torch.cat(rows, dim=1).clamp(-1, 1)
-    return np.ascontiguousarray(((grid + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
+    return np.ascontiguousarray(to_uint8(torch.cat(rows, dim=1)).permute(1, 2, 0).numpy())
 
 
 def save_grid(path: Path, grid: np.ndarray) -> Path:

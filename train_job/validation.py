@@ -43,11 +43,11 @@ from spade_core.metrics import (
     to_unit_interval,
 )
 from spade_core.metrics.inception import FID_WEIGHTS_SHA256
-from spade_core.preprocess import to_unit_range
+from spade_core.preprocess import to_uint8, to_unit_range
 from spade_core.semantics import classes_for
 
 from .config import TrainConfig
-from .evaluate import _to_uint8, eval_preprocess, label_space
+from .evaluate import eval_preprocess, label_space
 from .metrics import sample_grid
 from .pipeline import ShardSet, decode_augment, open_shards
 from .steps import semantics_of
@@ -205,7 +205,7 @@ class TrainingEvaluator:
                 z = None
                 if encoder is not None:  # z = mu of the real image's style (deterministic)
                     z, _ = encoder(to_unit_range(self.data.images_chw()[start:stop]).to(self.device))
-                out.append(_to_uint8(generator(semantics, z=z)))
+                out.append(to_uint8(generator(semantics, z=z)))
         return out
 
     def __call__(self, generator: nn.Module, encoder: nn.Module | None = None) -> EvalOutcome:

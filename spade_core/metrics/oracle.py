@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..preprocess import to_uint8
+
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float64)  # ITU-R 601 luminance weights
 
 
@@ -60,7 +62,7 @@ def as_uint8_image(image: Any) -> np.ndarray:
     if a.dtype == np.uint8:
         return a
     if np.issubdtype(a.dtype, np.floating):
-        return np.clip(np.rint((a.astype(np.float32) + 1) * 127.5), 0, 255).astype(np.uint8)
+        return to_uint8(a)
     raise ValueError(f"images must be uint8 or float in [-1, 1], got dtype {a.dtype}")
 
 
