@@ -18,6 +18,7 @@ from typing import Any
 
 import spade_core
 from spade_core.checkpoint import MANIFEST_FILE, manifest_gaps
+from spade_core.locations import filesystem, is_remote, local_path
 from spade_core.runs import BEST_DIR, BEST_FILE, CHECKPOINT_MARKERS, CHECKPOINT_PREFIX, Select, checkpoint_in
 
 CACHE_DIR = Path(os.environ.get("SPADE_SERVE_CACHE", Path(tempfile.gettempdir()) / "spade_serve_cache"))
@@ -25,9 +26,9 @@ CACHE_DIR = Path(os.environ.get("SPADE_SERVE_CACHE", Path(tempfile.gettempdir())
 
 def resolve_checkpoint(location: str, select: Select = "latest") -> Path:
     """A local checkpoint directory for ``location`` (``select`` of a run); ValueError saying what is wrong."""
-    if "://" in location and not location.startswith("file://"):
+    if is_remote(location):
         return checkpoint_in(_download(location, select))
-    return checkpoint_in(location.removeprefix("file://"), select)
+    return checkpoint_in(local_path(location), select)
 
 
 def load_model(location: str, device: str = "cpu", select: Select = "latest") -> tuple[spade_core.SpadeModel, str]:
@@ -50,11 +51,7 @@ def _download(uri: str, select: Select) -> Path:
     """A local copy of the checkpoint ``uri`` names (of a run: only the selected one, not every one)."""
     import pyarrow.fs as pafs
 
-    try:
-        fs, root = pafs.FileSystem.from_uri(uri)
-    except Exception as exc:  # pyarrow raises several types for bad or unsupported URIs
-        raise ValueError(f"cannot open {uri}: {exc}") from exc
-    root = root.rstrip("/")
+    fs, root = filesystem(uri)
     cache = CACHE_DIR / _digest(uri)
     if fs.get_file_info(root).type == pafs.FileType.NotFound:
         raise ValueError(f"checkpoint {uri} does not exist")

@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Literal
 
 from spade_core import configtools
 from spade_core.configtools import build, check_fields, load_yaml, require
+from spade_core.locations import absolute
 from spade_core.runs import Select
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -168,8 +169,7 @@ class ModelEntry:
         require(bool(_MODEL_NAME.fullmatch(self.name)),
                 f"model.name must be 1-64 letters, digits, '.', '_' or '-' (starting with a letter or digit), got {self.name!r}")
         require(self.checkpoint != "", "model.checkpoint must be a path or URI, got ''")
-        if "://" not in self.checkpoint:
-            object.__setattr__(self, "checkpoint", os.path.abspath(os.path.expanduser(self.checkpoint)))
+        object.__setattr__(self, "checkpoint", absolute(self.checkpoint))
 
     def user_config(self) -> dict[str, str]:
         return {"name": self.name, "checkpoint": self.checkpoint, "select": self.select}
@@ -233,8 +233,8 @@ class ServeConfig:
         require((self.checkpoint is None) != (not self.models),
                 "give either checkpoint (one model) or models (a list of {name, checkpoint}), not both and not neither")
         require(self.checkpoint != "", "checkpoint must be a path or URI, got ''")
-        if self.checkpoint is not None and "://" not in self.checkpoint:
-            object.__setattr__(self, "checkpoint", os.path.abspath(os.path.expanduser(self.checkpoint)))
+        if self.checkpoint is not None:
+            object.__setattr__(self, "checkpoint", absolute(self.checkpoint))
         names = [m.name for m in self.models]
         repeated = sorted({n for n in names if names.count(n) > 1})
         require(not repeated, f"models: each name once, got {', '.join(repeated)} more than once")

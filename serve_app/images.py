@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from spade_core.preprocess import LABEL_MODES
+
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 
@@ -94,7 +96,7 @@ def label_ids(data: bytes, *, field: str, palette: Palette, max_pixels: int) -> 
     RGBA) is read through the palette. Label maps must be lossless: PNG only.
     """
     im = open_image(data, field=field, allowed=("PNG",), max_pixels=max_pixels)
-    if im.mode in ("L", "P", "I;16", "I;16B", "I;16L", "I"):
+    if im.mode in LABEL_MODES:
         return np.asarray(im).astype(np.int64)  # P: the palette indices are the ids
     if im.mode == "RGBA":
         rgba = np.asarray(im)

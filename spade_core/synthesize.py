@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .checkpoint import SpadeModel, build_model, load_checkpoint
 from .config import GeneratorConfig, ModelConfig
-from .preprocess import to_uint8, to_unit_range
+from .preprocess import LABEL_MODES, to_uint8, to_unit_range
 from .semantics import colorize
 from .testing import randomize_weights
 
@@ -28,7 +28,7 @@ def read_label_png(path: str | Path) -> torch.Tensor:
     """A single-channel label PNG -> (1, H, W) int64 raw label ids."""
     try:
         with Image.open(path) as img:
-            if img.mode not in ("L", "P", "I", "I;16"):
+            if img.mode not in LABEL_MODES:
                 raise ValueError(
                     f"{path}: label maps must be single-channel raw label ids (mode L, P or I), got mode {img.mode}"
                 )

@@ -53,6 +53,7 @@ from spade_core.configtools import (
     type_hints,
     typed,
 )
+from spade_core.locations import absolute
 from spade_core.losses import LossConfig
 from spade_core.metrics.inception import BLOCK_BY_DIMS
 from spade_core.preprocess import PreprocessConfig, output_size
@@ -97,7 +98,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         check_fields(self, "data")
         require(self.shards != "", "data.shards must be a path or URI, got ''")
-        object.__setattr__(self, "shards", _absolute(self.shards))
+        object.__setattr__(self, "shards", absolute(self.shards))
         require(self.split != "", "data.split must be a split name (e.g. 'train'), got ''")
         require(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
         require(self.shuffle_buffer >= 0, f"data.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
@@ -288,14 +289,14 @@ class StorageConfig:
     def __post_init__(self) -> None:
         check_fields(self, "storage")
         require(self.path != "", "storage.path must be an absolute path or a URI, got ''")
-        object.__setattr__(self, "path", _absolute(self.path))
+        object.__setattr__(self, "path", absolute(self.path))
         require(
             self.name not in ("", ".", "..") and "/" not in self.name and "\\" not in self.name,
             f"storage.name must be a plain directory name (no '/'), got {self.name!r}",
         )
         if self.resume_from is not None:
             require(self.resume_from != "", "storage.resume_from must be a path, a URI or null, got ''")
-            object.__setattr__(self, "resume_from", _absolute(self.resume_from))
+            object.__setattr__(self, "resume_from", absolute(self.resume_from))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -397,7 +398,7 @@ class EvalConfig:
             value = getattr(self, name)
             if value is not None:
                 require(value != "", f"eval.{name} must be a path or null, got ''")
-                object.__setattr__(self, name, _absolute(value))
+                object.__setattr__(self, name, absolute(value))
         require(not (self.segmenter and self.oracle), "eval.segmenter and eval.oracle are both set: give one of them")
         require(
             self.segmenter_offset is None or self.segmenter_offset >= 0,
@@ -477,9 +478,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_fields(self, "")
         weights = self.loss.vgg_weights
-        if weights is not None and _absolute(weights) != weights:
+        if weights is not None and absolute(weights) != weights:
             # LossConfig lives in spade_core and stays as given; the workers need an absolute path.
-            object.__setattr__(self, "loss", dataclasses.replace(self.loss, vgg_weights=_absolute(weights)))
+            object.__setattr__(self, "loss", dataclasses.replace(self.loss, vgg_weights=absolute(weights)))
         workers = self.scaling.num_workers
         require(
             self.data.batch_size % workers == 0,
@@ -608,13 +609,6 @@ def _qualify_model(message: str, where: str) -> str:
         return join_key(where, "generator.spade" if m.group(1) == "spade" else m.group(1))
 
     return _MODEL_PARTS.sub(full, message)
-
-
-def _absolute(path: str) -> str:
-    """Local paths made absolute (``~`` expanded) against the current directory; URIs as given."""
-    if "://" in path:
-        return path
-    return os.path.abspath(os.path.expanduser(path))
 
 
 # ---------------------------------------------------------------------------------------

@@ -65,6 +65,7 @@ from spade_core.metrics import (
     to_unit_interval,
 )
 from spade_core.metrics.inception import BLOCK_BY_DIMS, FID_WEIGHTS_FILE, FID_WEIGHTS_SHA256, FID_WEIGHTS_URL
+from spade_core.locations import absolute
 from spade_core.metrics.kid import KID_SEED, KID_SUBSET_SIZE, KID_SUBSETS
 from spade_core.nvlabs import NET_FILES
 from spade_core.runs import Select, checkpoint_in
@@ -611,7 +612,7 @@ def result_record(plan: EvalPlan, result: EvalResult, *, command: Sequence[str] 
         "command": list(command) if command is not None else None,
         "checkpoint": plan.checkpoint,
         "data": {
-            "shards": opts.data if "://" in opts.data else os.path.abspath(opts.data),
+            "shards": absolute(opts.data),
             "split": plan.split,
             "split_count": plan.shards.count,
             "labels": dataclasses.asdict(labels),

@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import spade_core
+from spade_core.locations import is_remote, local_path
 from spade_core.losses import build_vgg_loss
 from spade_core.norms import convert_sync_batchnorm, set_fast_training
 
@@ -370,14 +371,14 @@ def _unrecorded(cfg: TrainConfig, checkpoint: Any, *, rank: int, distributed: bo
 
 
 def _local_storage(cfg: TrainConfig) -> bool:
-    return "://" not in cfg.storage.path or cfg.storage.path.startswith("file://")
+    return not is_remote(cfg.storage.path)
 
 
 def _run_dir(cfg: TrainConfig) -> Path:
     """Where rank 0 writes metrics.jsonl and samples: the run's folder for local storage,
     else the worker's working directory (Ray's per-run artifacts folder)."""
     if _local_storage(cfg):
-        return Path(cfg.storage.path.removeprefix("file://")) / cfg.storage.name
+        return Path(local_path(cfg.storage.path)) / cfg.storage.name
     return Path.cwd()
 
 

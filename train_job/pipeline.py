@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 from ray.data.collate_fn import NumpyBatchCollateFn
 
+from spade_core import locations
 from spade_core.config import LabelConfig
 from spade_core.preprocess import (
     PreprocessConfig,
@@ -49,7 +50,7 @@ class ShardSet:
 
 def open_shards(root: str, split: str) -> ShardSet:
     """Read ``root/manifest.json`` (local path or URI) and resolve the split's shard files."""
-    fs, base = pafs.FileSystem.from_uri(root) if "://" in root else (pafs.LocalFileSystem(), _abs(root))
+    fs, base = locations.filesystem(root)
     try:
         with fs.open_input_stream(f"{base}/{MANIFEST}") as f:
             manifest = json.loads(f.read())
@@ -64,12 +65,6 @@ def open_shards(root: str, split: str) -> ShardSet:
     labels = LabelConfig(**manifest["labels"])
     paths = [f"{base}/{name}" for name in entry["shards"]]
     return ShardSet(fs, paths, int(entry["count"]), labels, labels.instance_edges)
-
-
-def _abs(path: str) -> str:
-    import os
-
-    return os.path.abspath(path)
 
 
 def build_dataset(

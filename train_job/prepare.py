@@ -54,6 +54,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from spade_core.config import LabelConfig
+from spade_core import locations
+from spade_core.preprocess import LABEL_MODES
 
 from .datasets import DATASETS, DatasetError, Listing, Pair, list_pairs, max_label_id, normalize_split
 from .progress import Progress
@@ -72,7 +74,6 @@ SCHEMA = pa.schema(
         pa.field("instance", pa.binary(), nullable=True),
     ]
 )
-LABEL_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L")  # single-channel, 8 to 32 bit
 _LOSSY_FORMATS = ("JPEG", "MPO", "WEBP")  # a label saved lossily has blended ids at every edge
 _ROW_GROUP_BYTES = 32 << 20  # flush a row group at this size: memory stays at one row group
 _ROW_GROUP_ROWS = 256
@@ -634,12 +635,10 @@ def _resolve(out: str, filesystem: pafs.FileSystem | None) -> tuple[pafs.FileSys
     """(filesystem, path): URIs (s3://, gs://, file://) through pyarrow, plain paths made absolute."""
     if filesystem is not None:
         return filesystem, out.rstrip("/")
-    target = out if "://" in out else os.path.abspath(out)
     try:
-        fs, path = pafs.FileSystem.from_uri(target)
-    except pa.ArrowInvalid as exc:
+        return locations.filesystem(out)
+    except ValueError as exc:
         raise DatasetError(f"cannot use {out!r} as output: {exc}") from exc
-    return fs, path.rstrip("/")
 
 
 def _join(base: str, name: str) -> str:
