@@ -32,7 +32,8 @@ import spade_core  # noqa: E402
 from spade_core.config import GeneratorConfig, ModelConfig  # noqa: E402
 from spade_core.losses import LossConfig, VGG19Features, VGGLoss  # noqa: E402
 from spade_core.preprocess import PreprocessConfig, sample_params, transform_image_uint8, transform_label  # noqa: E402
-from train_job.pipeline import build_dataset, iter_training_batches, open_shards  # noqa: E402
+from train_job.pipeline import build_dataset, iter_training_batches  # noqa: E402
+from train_job.shards import open_shards  # noqa: E402
 from train_job.prepare import main as prepare_main  # noqa: E402
 from train_job.steps import Networks, discriminator_losses, generator_losses, semantics_of  # noqa: E402
 from train_job.synthetic import write_dataset  # noqa: E402

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from spade_core.preprocess import PreprocessConfig
-from train_job.pipeline import build_dataset, iter_training_batches, open_shards
+from train_job.pipeline import build_dataset, iter_training_batches
+from train_job.shards import open_shards
 from train_job.prepare import main as prepare_main
 
 from .conftest import SAMPLES
@@ -34,6 +35,20 @@ def test_open_shards_reads_the_manifest(coco_shards: Path) -> None:
         open_shards(str(coco_shards), "val")
     with pytest.raises(ValueError, match="prepare the data first"):
         open_shards(str(coco_shards / "nowhere"), "train")
+
+
+def test_training_refuses_data_of_another_format_version(coco_shards: Path, tmp_path: Path) -> None:
+    """The reader checks the manifest exactly as prepare does, so data written by a newer
+    (or older) format is refused by name instead of misread."""
+    import json
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(coco_shards, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps({**manifest, "format_version": 2}))
+    with pytest.raises(ValueError, match="not a spade-ray manifest of format_version 1"):
+        open_shards(str(other), "train")
 
 
 @pytest.mark.slow

@@ -18,7 +18,8 @@ from PIL import Image
 from tests.conftest import REPO, SAMPLES
 from train_job import prepare as prep
 from train_job.datasets import DatasetError, list_ade20k, list_cityscapes, list_coco_stuff, list_custom
-from train_job.prepare import SCHEMA, STATS_KEY, BadPairError, main, prepare_split, read_manifest, read_shard_stats
+from train_job.prepare import BadPairError, main, prepare_split
+from train_job.shards import SCHEMA, STATS_KEY, read_manifest, read_shard_stats
 from train_job.progress import Progress
 
 ADE_SAMPLE = SAMPLES / "ade20k"

@@ -25,7 +25,8 @@ def build_trainer(cfg: TrainConfig, *, extra_loop_config: dict[str, Any] | None 
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from .pipeline import build_dataset, open_shards
+    from .pipeline import build_dataset
+    from .shards import open_shards
 
     shards = open_shards(cfg.data.shards, cfg.data.split)
     if shards.labels.semantic_nc != cfg.model.labels.semantic_nc or shards.labels.label_nc != cfg.model.labels.label_nc:

@@ -76,7 +76,7 @@ from .datasets import DatasetError, max_label_id, normalize_split
 from .progress import Progress
 
 if TYPE_CHECKING:  # .pipeline imports Ray: only the functions that run the pipeline import it
-    from .pipeline import ShardSet
+    from .shards import ShardSet
 
 FORMAT_VERSION = 1
 Precision = Literal["fp32", "bf16"]
@@ -304,7 +304,7 @@ def _check_options(opts: EvalOptions) -> None:
 
 def prepare_evaluation(opts: EvalOptions) -> EvalPlan:
     """Check every input and load every file (no Ray): an :class:`EvalPlan`, or :class:`EvalError`."""
-    from .pipeline import open_shards
+    from .shards import open_shards
 
     started = time.monotonic()
     _check_options(opts)

@@ -11,20 +11,15 @@ turns them into the [-1, 1] float tensors the networks take, on the worker.
 from __future__ import annotations
 
 import io
-import json
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow.fs as pafs
 import torch
 from PIL import Image
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from spade_core import locations
-from spade_core.config import LabelConfig
 from spade_core.preprocess import (
     PreprocessConfig,
     sample_params,
@@ -34,37 +29,7 @@ from spade_core.preprocess import (
     transform_label,
 )
 
-MANIFEST = "manifest.json"
-
-
-@dataclass(frozen=True)
-class ShardSet:
-    """The shards of one split, as the manifest lists them."""
-
-    filesystem: pafs.FileSystem
-    paths: list[str]
-    count: int
-    labels: LabelConfig
-    has_instance: bool
-
-
-def open_shards(root: str, split: str) -> ShardSet:
-    """Read ``root/manifest.json`` (local path or URI) and resolve the split's shard files."""
-    fs, base = locations.filesystem(root)
-    try:
-        with fs.open_input_stream(f"{base}/{MANIFEST}") as f:
-            manifest = json.loads(f.read())
-    except FileNotFoundError as exc:
-        raise ValueError(f"{root} has no {MANIFEST}: prepare the data first (python -m train_job.prepare ...)") from exc
-    splits = manifest.get("splits", {})
-    if split not in splits:
-        raise ValueError(f"{root} has no '{split}' split; prepared splits: {sorted(splits)}")
-    entry = splits[split]
-    if not entry["shards"] or entry["count"] < 1:
-        raise ValueError(f"the '{split}' split in {root} is empty")
-    labels = LabelConfig(**manifest["labels"])
-    paths = [f"{base}/{name}" for name in entry["shards"]]
-    return ShardSet(fs, paths, int(entry["count"]), labels, labels.instance_edges)
+from .shards import open_shards
 
 
 def build_dataset(

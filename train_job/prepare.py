@@ -2,24 +2,7 @@
 
     python -m train_job.prepare --dataset ade20k --root DIR --split train --out OUT_DIR_OR_URI
 
-Output layout (the Ray Data reader is written against exactly this)::
-
-    OUT/manifest.json                      written last, atomically; one entry per prepared split
-    OUT/{train,val}/part-00000.parquet     shard i: valid pairs [i*N, (i+1)*N) in key order
-
-Shard columns: ``key`` string, ``split`` string, ``width`` int32, ``height`` int32,
-``image`` binary, ``label`` binary, ``instance`` binary (null without instance maps); the
-bytes are the files exactly as on disk. Each shard's schema metadata ``spade_ray.stats``
-holds JSON: ``rows``, ``first_key``, ``last_key``, ``class_pixels`` (int64 pixel count of
-each raw label id 0..255, longer when a dataset's ids go higher), ``skipped`` (reason ->
-count), ``source`` (the range of the listing it covers) and ``plan`` (what a rerun must
-match), so a rerun can check it and rebuild the manifest without reading an image.
-
-The manifest::
-
-    {"format_version": 1, "dataset": "ade20k", "labels": {LabelConfig as a dict},
-     "splits": {"train": {"count": N, "shards": ["train/part-00000.parquet", ...],
-                          "class_pixels": [...], "skipped": {"reason": count}}}}
+The output's layout, shard schema and manifest are ``train_job.shards``'s.
 
 Every pair is decoded in full before it is written: a corrupt or truncated file, a label
 map that is not single-channel, differing image and label sizes or label ids outside the
@@ -38,7 +21,6 @@ import io
 import json
 import multiprocessing
 import os
-import re
 import sys
 import uuid
 from collections import Counter, deque
@@ -54,32 +36,17 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from spade_core.config import LabelConfig
-from spade_core import locations
 from spade_core.preprocess import LABEL_MODES
 
+from . import shards
 from .datasets import DATASETS, DatasetError, Listing, Pair, list_pairs, max_label_id, normalize_split
 from .progress import Progress
 
-FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
-STATS_KEY = b"spade_ray.stats"
-SCHEMA = pa.schema(
-    [
-        pa.field("key", pa.string(), nullable=False),
-        pa.field("split", pa.string(), nullable=False),
-        pa.field("width", pa.int32(), nullable=False),
-        pa.field("height", pa.int32(), nullable=False),
-        pa.field("image", pa.binary(), nullable=False),
-        pa.field("label", pa.binary(), nullable=False),
-        pa.field("instance", pa.binary(), nullable=True),
-    ]
-)
 _LOSSY_FORMATS = ("JPEG", "MPO", "WEBP")  # a label saved lossily has blended ids at every edge
 _ROW_GROUP_BYTES = 32 << 20  # flush a row group at this size: memory stays at one row group
 _ROW_GROUP_ROWS = 256
 _CHUNK = 8  # pairs per task sent to a worker process
-_PART = re.compile(r"part-(\d{5,})\.parquet")
-_TEMP = re.compile(r"\.(part-\d{5,}\.parquet|manifest\.json)\.tmp-[0-9a-f]+")
+
 
 
 class BadPairError(DatasetError):
@@ -318,7 +285,7 @@ def prepare_split(
         raise DatasetError(f"shard_rows must be >= 1, got {shard_rows}")
     if workers < 1:
         raise DatasetError(f"workers must be >= 1, got {workers}")
-    fs, base = _resolve(out, filesystem)
+    fs, base = shards.resolve(out, filesystem)
     split = normalize_split(listing.split)
     pairs = listing.pairs
     labels = dataclasses.asdict(listing.labels)
@@ -330,25 +297,25 @@ def prepare_split(
         "pairs": len(pairs),
         "listing_sha256": listing.fingerprint(),
     }
-    manifest_path = _join(base, MANIFEST_NAME)
-    _check_manifest(_load_manifest(fs, manifest_path), manifest_path, listing.dataset, labels)
+    manifest_path = shards.join(base, shards.MANIFEST_NAME)
+    shards.check_manifest(shards.load_manifest(fs, manifest_path), manifest_path, listing.dataset, labels)
 
-    split_dir = _join(base, split)
+    split_dir = shards.join(base, split)
     fs.create_dir(split_dir, recursive=True)
     for info in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)):
-        if _TEMP.fullmatch(info.base_name):
+        if shards.TEMP.fullmatch(info.base_name):
             fs.delete_file(info.path)  # a manifest temp file left by an interrupted run
     parts: dict[int, str] = {}
     for info in fs.get_file_info(pafs.FileSelector(split_dir, allow_not_found=True)):
         name = info.base_name
-        if _TEMP.fullmatch(name):
+        if shards.TEMP.fullmatch(name):
             fs.delete_file(info.path)  # left by an interrupted run
-        elif (m := _PART.fullmatch(name)) and info.type == pafs.FileType.File:
+        elif (m := shards.PART.fullmatch(name)) and info.type == pafs.FileType.File:
             if overwrite:
                 fs.delete_file(info.path)
             else:
                 parts[int(m.group(1))] = info.path
-    found = {index: _read_stats(fs, path) for index, path in sorted(parts.items())}
+    found = {index: shards.read_stats(fs, path) for index, path in sorted(parts.items())}
     for index, stats in found.items():
         if stats is not None and stats.get("plan") != plan:
             raise DatasetError(_plan_mismatch(parts[index], stats.get("plan"), plan))
@@ -388,16 +355,16 @@ def prepare_split(
     for stats in shard_stats:
         skipped.update(stats["skipped"])
         class_pixels += np.asarray(stats["class_pixels"], dtype=np.int64)
-    shards = tuple(f"{split}/{_part_name(i)}" for i in range(len(shard_stats)))
+    files = tuple(f"{split}/{shards.part_name(i)}" for i in range(len(shard_stats)))
     entry = {
         "count": sum(s["rows"] for s in shard_stats),
-        "shards": list(shards),
+        "shards": list(files),
         "class_pixels": class_pixels.tolist(),
         "skipped": dict(sorted(skipped.items())),
     }
-    _write_manifest(fs, base, listing.dataset, labels, split, entry)
+    shards.write_manifest(fs, base, listing.dataset, labels, split, entry)
     return PrepareResult(
-        out=out, split=split, count=entry["count"], shards=shards, written=tuple(written), kept=tuple(kept),
+        out=out, split=split, count=entry["count"], shards=files, written=tuple(written), kept=tuple(kept),
         skipped=entry["skipped"], class_pixels=tuple(entry["class_pixels"]),
     )
 
@@ -417,8 +384,8 @@ def _write_shard(
 ) -> dict[str, Any]:
     """Write shard ``index`` from the pair at ``start`` on: ``shard_rows`` valid pairs, plus the bad
     pairs up to the next valid one (so every skip belongs to exactly one shard)."""
-    final = _join(split_dir, _part_name(index))
-    temp = _join(split_dir, f".{_part_name(index)}.tmp-{uuid.uuid4().hex}")
+    final = shards.join(split_dir, shards.part_name(index))
+    temp = shards.join(split_dir, f".{shards.part_name(index)}.tmp-{uuid.uuid4().hex}")
     split = plan["split"]
     counts = np.zeros(histogram_length(listing.labels), dtype=np.int64)
     skipped: Counter[str] = Counter()
@@ -430,7 +397,7 @@ def _write_shard(
     writer: pq.ParquetWriter | None = None
     try:
         # store_schema=False: the stats, added once known, then land in the schema metadata readers see
-        writer = pq.ParquetWriter(sink, SCHEMA, compression="none", store_schema=False)
+        writer = pq.ParquetWriter(sink, shards.SCHEMA, compression="none", store_schema=False)
         while (item := inspector.peek()) is not None:
             if len(keys) == shard_rows and isinstance(item, PairData):
                 break
@@ -456,7 +423,7 @@ def _write_shard(
         if batch:
             writer.write_table(_table(batch, split))
         stats = {
-            "format_version": FORMAT_VERSION,
+            "format_version": shards.FORMAT_VERSION,
             "split": split,
             "index": index,
             "rows": len(keys),
@@ -467,7 +434,7 @@ def _write_shard(
             "source": {"start": start, "end": end, "first_key": listing.pairs[start].key, "last_key": listing.pairs[end - 1].key},
             "plan": plan,
         }
-        writer.add_key_value_metadata({STATS_KEY: json.dumps(stats)})
+        writer.add_key_value_metadata({shards.STATS_KEY: json.dumps(stats)})
         writer.close()
         writer = None
         sink.close()
@@ -495,32 +462,8 @@ def _table(batch: list[PairData], split: str) -> pa.Table:
             "label": [p.label for p in batch],
             "instance": [p.instance for p in batch],
         },
-        schema=SCHEMA,
+        schema=shards.SCHEMA,
     )
-
-
-def _part_name(index: int) -> str:
-    return f"part-{index:05d}.parquet"
-
-
-def read_shard_stats(path: str, *, filesystem: pafs.FileSystem | None = None) -> dict[str, Any]:
-    """The ``spade_ray.stats`` JSON of one shard (path or URI)."""
-    fs, p = _resolve(path, filesystem)
-    stats = _read_stats(fs, p)
-    if stats is None:
-        raise DatasetError(f"{path} is not a complete spade-ray shard (unreadable parquet or no {STATS_KEY.decode()} metadata)")
-    return stats
-
-
-def _read_stats(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
-    """A shard's stats, or None when it is no readable shard of ours (it gets rewritten)."""
-    try:
-        with fs.open_input_file(path) as f:
-            meta = pq.ParquetFile(f).schema_arrow.metadata or {}
-        stats = json.loads(meta[STATS_KEY])
-    except (OSError, pa.ArrowException, KeyError, ValueError):
-        return None
-    return stats if isinstance(stats, dict) else None
 
 
 def _is_complete(
@@ -572,77 +515,6 @@ def _plan_mismatch(path: str, theirs: Any, ours: dict[str, Any]) -> str:
     else:
         what = f"from another file set ({theirs.get('pairs')} pairs then, {ours['pairs']} now, or files changed)"
     return f"{path} was written {what}: use a new --out, or --overwrite to replace the {ours['split']} shards"
-
-
-# ---------------------------------------------------------------------------------------
-# Manifest and filesystems
-
-
-def read_manifest(out: str, *, filesystem: pafs.FileSystem | None = None) -> dict[str, Any]:
-    """The manifest of a prepared output (path or URI)."""
-    fs, base = _resolve(out, filesystem)
-    path = _join(base, MANIFEST_NAME)
-    manifest = _load_manifest(fs, path)
-    if manifest is None:
-        raise DatasetError(f"{path} does not exist: prepare the dataset first (python -m train_job.prepare)")
-    return manifest
-
-
-def _load_manifest(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
-        return None
-    with fs.open_input_stream(path) as f:
-        raw = f.read()
-    try:
-        manifest = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(manifest, dict) or type(manifest.get("format_version")) is not int or manifest["format_version"] != FORMAT_VERSION:
-        raise DatasetError(f"{path} is not a spade-ray manifest of format_version {FORMAT_VERSION}")
-    if not isinstance(manifest.get("splits"), dict):
-        raise DatasetError(f"{path} has no 'splits' mapping")
-    return manifest
-
-
-def _check_manifest(manifest: dict[str, Any] | None, path: str, dataset: str, labels: dict[str, Any]) -> None:
-    if manifest is None:
-        return
-    if manifest.get("dataset") != dataset:
-        raise DatasetError(f"{path} describes dataset {manifest.get('dataset')}, not {dataset}: use a new --out")
-    if manifest.get("labels") != labels:
-        raise DatasetError(f"{path} describes labels {manifest.get('labels')}, not {labels}: use a new --out")
-
-
-def _write_manifest(fs: pafs.FileSystem, base: str, dataset: str, labels: dict[str, Any], split: str, entry: dict[str, Any]) -> None:
-    path = _join(base, MANIFEST_NAME)
-    manifest = _load_manifest(fs, path)  # again: another split may have been prepared meanwhile
-    _check_manifest(manifest, path, dataset, labels)
-    if manifest is None:
-        manifest = {"format_version": FORMAT_VERSION, "dataset": dataset, "labels": labels, "splits": {}}
-    manifest["splits"] = dict(sorted({**manifest["splits"], split: entry}.items()))
-    temp = _join(base, f".{MANIFEST_NAME}.tmp-{uuid.uuid4().hex}")
-    try:
-        with fs.open_output_stream(temp) as f:
-            f.write(json.dumps(manifest, indent=2).encode() + b"\n")
-        fs.move(temp, path)
-    finally:
-        with contextlib.suppress(Exception):
-            if fs.get_file_info(temp).type != pafs.FileType.NotFound:
-                fs.delete_file(temp)
-
-
-def _resolve(out: str, filesystem: pafs.FileSystem | None) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path): URIs (s3://, gs://, file://) through pyarrow, plain paths made absolute."""
-    if filesystem is not None:
-        return filesystem, out.rstrip("/")
-    try:
-        return locations.filesystem(out)
-    except ValueError as exc:
-        raise DatasetError(f"cannot use {out!r} as output: {exc}") from exc
-
-
-def _join(base: str, name: str) -> str:
-    return f"{base}/{name}" if base else name
 
 
 # ---------------------------------------------------------------------------------------

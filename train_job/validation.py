@@ -49,7 +49,8 @@ from spade_core.semantics import classes_for
 from .config import TrainConfig
 from .evaluate import eval_preprocess, label_space
 from .metrics import sample_grid
-from .pipeline import ShardSet, decode_augment, open_shards
+from .pipeline import decode_augment
+from .shards import ShardSet, open_shards
 from .steps import semantics_of
 
 
