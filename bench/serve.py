@@ -36,8 +36,9 @@ from PIL import Image  # noqa: E402
 
 import spade_core  # noqa: E402
 from spade_core.config import GeneratorConfig, LabelConfig, ModelConfig, SpadeConfig  # noqa: E402
+from spade_core.precision import DTYPES  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {name: DTYPES[name] for name in ("fp32", "bf16")}  # what this benchmark compares
 
 
 def model_config(name: str) -> ModelConfig:

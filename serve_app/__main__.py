@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 
+from spade_core.precision import DTYPES
 from spade_core.runs import SELECTS
 
 from .config import ServeConfig, load_serve_config
@@ -31,7 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="of a training run: latest (the newest checkpoint_*, default) or best (best/, by checkpoint.best_by)")
     parser.add_argument("--config", help="YAML of app args (ServeConfig)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a dotted key")
-    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--precision", choices=list(DTYPES))
     parser.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default loopback)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     parser.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,

@@ -27,9 +27,9 @@ from typing import Any, ClassVar, Literal
 from spade_core import configtools
 from spade_core.configtools import build, check_fields, load_yaml, require
 from spade_core.locations import absolute
+from spade_core.precision import Precision
 from spade_core.runs import Select
 
-Precision = Literal["fp32", "bf16", "fp16"]
 Device = Literal["auto", "cpu", "cuda"]
 ImageFormat = Literal["png", "jpeg", "webp"]
 

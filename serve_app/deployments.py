@@ -27,6 +27,7 @@ import torch
 from ray import serve
 
 import spade_core
+from spade_core.precision import dtype_of
 from spade_core.preprocess import to_uint8, to_unit_range
 from spade_core.runs import Select
 from spade_core.semantics import label_channels
@@ -38,7 +39,6 @@ from .metrics import series
 
 logger = logging.getLogger("ray.serve")
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class InputError(ValueError):
@@ -260,7 +260,7 @@ class SpadeGenerator(_ModelReplica):
     deployment = "SpadeGenerator"
 
     def prepare(self, model: spade_core.SpadeModel) -> None:
-        model.enable_fast_path(dtype=DTYPES[self.options["precision"]], compile=bool(self.options["compile"]))
+        model.enable_fast_path(dtype=dtype_of(self.options["precision"]), compile=bool(self.options["compile"]))
 
     async def info(self) -> dict[str, Any]:
         """What the ingress needs to check requests: the model config and checkpoint identity."""

@@ -55,12 +55,12 @@ from spade_core.configtools import (
 )
 from spade_core.locations import absolute
 from spade_core.losses import LossConfig
+from spade_core.precision import Precision
 from spade_core.metrics.inception import BLOCK_BY_DIMS
 from spade_core.preprocess import PreprocessConfig, output_size
 
 from .datasets import DatasetError, normalize_split
 
-Precision = Literal["fp32", "bf16", "fp16"]
 PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 EvalMetric = Literal["fid", "kid", "miou"]
 EVAL_METRICS: tuple[str, ...] = ("fid", "kid", "miou")

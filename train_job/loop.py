@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 import spade_core
 from spade_core.locations import is_remote, local_path
 from spade_core.losses import build_vgg_loss
+from spade_core.precision import autocast_dtype
 from spade_core.norms import convert_sync_batchnorm, set_fast_training
 
 from .checkpointing import BestCheckpoint, TrainState, read_training_checkpoint, unrecorded_checkpoint, write_training_checkpoint
@@ -30,7 +31,6 @@ from .metrics import MetricsLog, Throughput, sample_grid, save_grid, start_prome
 from .pipeline import iter_training_batches
 from .steps import Networks, discriminator_losses, generator_losses, semantics_of
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class EMA:
@@ -148,7 +148,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     deadline = loop_config.get("time_budget_s")  # end with a checkpoint after this long (benchmarks)
     started = time.monotonic()
     shard = ray.train.get_dataset_shard("train")
-    amp_dtype = AMP_DTYPES.get(cfg.optim.precision)
+    amp_dtype = autocast_dtype(cfg.optim.precision)
     throughput = Throughput()
 
     if max_steps is not None and state.step >= max_steps:
