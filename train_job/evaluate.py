@@ -34,7 +34,6 @@ import re
 import sys
 import tempfile
 import time
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -47,6 +46,7 @@ import torch
 from PIL import Image
 
 import spade_core
+from spade_core import seeds
 from spade_core.checkpoint import CONFIG_FILE, WEIGHT_FILES
 from spade_core.config import LabelConfig, ModelConfig
 from spade_core.metrics import (
@@ -90,7 +90,7 @@ IMAGES_DIR = "images"
 Z_NOTES = {
     "generated": "the model has no style encoder: no z",
     "style": "z = mu of the style encoder on the real image (deterministic; the reference samples around mu at test time)",
-    "random": "z ~ N(0, I), drawn per image from numpy default_rng([seed, crc32(key)])",
+    "random": "z ~ N(0, I), drawn per image from spade_core.seeds.rng(seed, key) (numpy default_rng([seed, crc32(key)]))",
 }
 
 
@@ -423,7 +423,7 @@ class Evaluator:
             return {"generated": to_uint8(model.synthesize(labels, instance=instance))}
         style = to_unit_range(real).to(self.device)
         # one code per image from (seed, key), as the pipeline seeds per-example choices: batch-independent
-        z = np.stack([np.random.default_rng([self.seed, zlib.crc32(k.encode())]).standard_normal(self.z_dim, dtype=np.float32)
+        z = np.stack([seeds.rng(self.seed, k).standard_normal(self.z_dim, dtype=np.float32)
                       for k in keys])
         return {
             "style": to_uint8(model.synthesize(labels, style=style, instance=instance)),

@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import spade_core
+from spade_core import seeds
 from spade_core.locations import is_remote, local_path
 from spade_core.losses import build_vgg_loss
 from spade_core.precision import autocast_dtype
@@ -157,7 +158,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         lr_g, lr_d = cfg.optim.learning_rates(epoch)
         _set_lr(optimizers["generator"], lr_g)
         _set_lr(optimizers["discriminator"], lr_d)
-        torch.manual_seed(hash((cfg.data.seed, rank, epoch, state.step)) % (2**31))
+        torch.manual_seed(seeds.derive_seed(cfg.data.seed, rank, epoch, state.step))
         skip = state.epoch_step if epoch == state.epoch else 0
         state.epoch, state.epoch_step = epoch, skip
         batches = iter_training_batches(

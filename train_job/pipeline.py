@@ -11,7 +11,6 @@ turns them into the [-1, 1] float tensors the networks take, on the worker.
 from __future__ import annotations
 
 import io
-import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,6 +19,7 @@ import torch
 from PIL import Image
 from ray.data.collate_fn import NumpyBatchCollateFn
 
+from spade_core import seeds
 from spade_core.preprocess import (
     PreprocessConfig,
     sample_params,
@@ -86,7 +86,7 @@ def decode_augment(
     images, labels, instances = [], [], []
     has_instance = "instance" in batch
     for i, key in enumerate(batch["key"]):
-        rng = np.random.default_rng([seed, zlib.crc32(str(key).encode())] if seed is not None else None)
+        rng = seeds.rng(seed, str(key)) if seed is not None else np.random.default_rng()
         with Image.open(io.BytesIO(batch["image"][i])) as img, Image.open(io.BytesIO(batch["label"][i])) as lab:
             params = sample_params(preprocess, img.size, rng, train=train)
             images.append(transform_image_uint8(img, preprocess, params))
@@ -120,7 +120,7 @@ def iter_training_batches(
         batch_size=batch_size,
         drop_last=True,
         local_shuffle_buffer_size=shuffle_buffer or None,
-        local_shuffle_seed=(seed * 100_003 + epoch) if shuffle_buffer else None,
+        local_shuffle_seed=seeds.derive_seed(seed, epoch) if shuffle_buffer else None,
         collate_fn=_Collate(),
         device="cpu",
     ):
