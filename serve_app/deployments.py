@@ -17,6 +17,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import secrets
 import threading
 import time
 from dataclasses import dataclass
@@ -28,13 +29,13 @@ from ray import serve
 
 import spade_core
 from spade_core.precision import dtype_of
+from spade_core.model import NO_STYLE_INPUT, resize_ids
 from spade_core.preprocess import to_uint8, to_unit_range
 from spade_core.runs import Select
-from spade_core.semantics import label_channels
 
 from .checkpoints import load_model
 from .config import DEFAULT_MODEL  # the model of a single-checkpoint user_config
-from .images import resize_nearest, resize_rgb
+from .images import resize_rgb
 from .metrics import series
 
 logger = logging.getLogger("ray.serve")
@@ -268,39 +269,43 @@ class SpadeGenerator(_ModelReplica):
         return {"config": loaded.model.config.to_dict(), "identity": loaded.identity, "name": loaded.name, "device": self.device,
                 "precision": self.options["precision"], "pid": os.getpid(), "load_error": self.load_errors.get(loaded.name)}
 
-    async def synthesize(self, labels: np.ndarray, z: np.ndarray | None = None, instance: np.ndarray | None = None) -> dict[str, Any]:
-        """(H, W) raw label ids (any size) [+ z (z_dim,)] [+ instance ids (H, W)] -> {"image": (H, W, 3) uint8, ...}."""
+    async def synthesize(
+        self,
+        labels: np.ndarray,
+        *,
+        instance: np.ndarray | None = None,
+        mu: np.ndarray | None = None,
+        logvar: np.ndarray | None = None,
+        seed: int | None = None,
+    ) -> dict[str, Any]:
+        """(H, W) raw label ids (any size) [+ instance ids (H, W)] [+ a style code (mu, logvar)]
+        [+ seed] -> {"image": (H, W, 3) uint8, "seed": the seed z was drawn from or None, ...}.
+
+        The model checks the inputs and turns the seed into z (``SpadeModel.check_inputs`` /
+        ``sample_z``), as ``synthesize`` does in a notebook: the same seed, the same image. A
+        VAE request without a seed gets a fresh one, returned so the draw can be repeated."""
         arrived = time.monotonic()
         loaded = await self.current()
-        item = self._check(loaded, labels, z, instance, arrived)
+        drawn = loaded.model.config.generator.z_dim is not None and (mu is None or logvar is not None)
+        if drawn and seed is None:
+            seed = secrets.randbits(53)  # exact as a JSON number, like the API's own seeds
+        item = self._check(loaded, labels, instance, mu, logvar, seed, arrived)
         image, batch_size = await self.batched_or_cancelled(item)
-        return {"image": image, "identity": loaded.identity, "batch_size": batch_size}
+        return {"image": image, "identity": loaded.identity, "batch_size": batch_size, "seed": seed if drawn else None}
 
-    def _check(self, loaded: Loaded, labels: Any, z: Any, instance: Any, arrived: float) -> SynthesisItem:
-        cfg = loaded.model.config
-        if not isinstance(labels, np.ndarray) or labels.ndim != 2 or labels.dtype.kind not in "iu":
-            raise InputError("labels must be an (H, W) integer array of raw label ids")
-        size = cfg.generator.output_size
-        ids = torch.from_numpy(resize_nearest(labels.astype(np.int64), size))
+    def _check(self, loaded: Loaded, labels: Any, instance: Any, mu: Any, logvar: Any, seed: int | None,
+               arrived: float) -> SynthesisItem:
+        model = loaded.model
+        ids = _ids(labels, "labels")
+        inst = _ids(instance, "instance") if instance is not None else None
         try:
-            label_channels(ids[None], cfg.labels)  # refuses ids the model has no channel for
+            z = model.sample_z(1, seed=seed, mu=_code(mu), logvar=_code(logvar))
+            model.check_inputs(ids, z=z, instance=inst)
         except ValueError as exc:
             raise InputError(str(exc)) from exc
-        z_t = None
-        if cfg.generator.z_dim is not None:
-            if z is None or np.shape(z) != (cfg.generator.z_dim,) or not np.isfinite(z).all():
-                raise InputError(f"this model needs a finite style code z of shape ({cfg.generator.z_dim},)")
-            z_t = torch.tensor(np.asarray(z, dtype=np.float32))
-        elif z is not None:
-            raise InputError("this model takes no style code (it has no encoder)")
-        inst = None
-        if cfg.labels.instance_edges:
-            if not isinstance(instance, np.ndarray) or instance.shape != labels.shape or instance.dtype.kind not in "iu":
-                raise InputError(f"this model needs an instance map (integer ids) of the label map's size {labels.shape[1]}x{labels.shape[0]}")
-            inst = torch.from_numpy(resize_nearest(instance.astype(np.int64), size))
-        elif instance is not None:
-            raise InputError("this model takes no instance map")
-        return SynthesisItem(labels=ids, z=z_t, instance=inst, arrived=arrived, loaded=loaded)
+        size = model.config.generator.output_size  # one size per batch: resized here, not in the forward pass
+        return SynthesisItem(labels=resize_ids(ids[0], size), z=None if z is None else z[0],
+                             instance=None if inst is None else resize_ids(inst[0], size), arrived=arrived, loaded=loaded)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def batched(self, items: list[SynthesisItem]) -> list[tuple[np.ndarray, int]]:
@@ -327,6 +332,22 @@ class SpadeGenerator(_ModelReplica):
             raise RuntimeError(f"health probe produced {out.shape}")
 
 
+def _ids(value: Any, name: str) -> torch.Tensor:
+    """An (H, W) integer id map from the ingress as the model's (1, H, W) int64 input."""
+    if not isinstance(value, np.ndarray) or value.ndim != 2 or value.dtype.kind not in "iu":
+        raise InputError(f"{name} must be an (H, W) integer array of ids")
+    return torch.from_numpy(value.astype(np.int64))[None]
+
+
+def _code(value: Any) -> torch.Tensor | None:
+    """A style code vector from the ingress as the model's (1, z_dim) input."""
+    if value is None:
+        return None
+    if not isinstance(value, np.ndarray) or value.ndim != 1 or value.dtype.kind != "f":
+        raise InputError("a style code must be a vector of numbers")
+    return torch.from_numpy(value.astype(np.float32))[None]
+
+
 def photos(images: torch.Tensor) -> np.ndarray:
     """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, what the ingress encodes."""
     return to_uint8(images).permute(0, 2, 3, 1).contiguous().numpy()
@@ -351,7 +372,7 @@ class StyleEncoder(_ModelReplica):
         arrived = time.monotonic()
         loaded = await self.current()
         if loaded.model.encoder is None:
-            raise InputError(f"model {loaded.name} has no style encoder")
+            raise InputError(NO_STYLE_INPUT)
         if not isinstance(rgb, np.ndarray) or rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
             raise InputError("style must be an (H, W, 3) uint8 RGB array")
         rgb = resize_rgb(rgb, loaded.model.config.generator.output_size)

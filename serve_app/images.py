@@ -126,16 +126,6 @@ def rgb_image(data: bytes, *, field: str, max_pixels: int) -> np.ndarray:
     return np.asarray(im.convert("RGB"))
 
 
-def resize_nearest(ids: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest resize of an (H, W) id map to (height, width), picking pixels as ``F.interpolate``."""
-    h, w = ids.shape
-    if (h, w) == tuple(size):
-        return ids
-    rows = np.minimum((np.arange(size[0]) * (h / size[0])).astype(np.int64), h - 1)
-    cols = np.minimum((np.arange(size[1]) * (w / size[1])).astype(np.int64), w - 1)
-    return ids[rows][:, cols]
-
-
 def resize_rgb(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bicubic resize of (H, W, 3) uint8 to (height, width)."""
     if rgb.shape[:2] == tuple(size):

@@ -37,6 +37,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from spade_core.config import ModelConfig
+from spade_core.model import NO_STYLE_INPUT
 from spade_core.semantics import classes_for
 
 from .config import ApiSettings
@@ -277,7 +278,8 @@ _UPLOAD_ROUTES = {f"/{API_VERSION}/encode", f"/{API_VERSION}/synthesize"}  # mul
 _ROUTES = {"/healthz", "/readyz", f"/{API_VERSION}/model", f"/{API_VERSION}/models", *_UPLOAD_ROUTES}
 
 
-def _parse_style_code(text: str, z_dim: int) -> tuple[np.ndarray, np.ndarray | None]:
+def _parse_style_code(text: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """The style_code form field's JSON (its length is the model's to check)."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -286,14 +288,14 @@ def _parse_style_code(text: str, z_dim: int) -> tuple[np.ndarray, np.ndarray | N
     if isinstance(value, dict):
         if "mu" not in value or not set(value) <= {"mu", "logvar", "checkpoint"}:
             raise RequestError(400, 'style_code must be a list of numbers or {"mu": [...], "logvar": [...]} as /v1/encode returns')
-        logvar = _vector(value.get("logvar"), z_dim, "style_code.logvar") if value.get("logvar") is not None else None
+        logvar = _vector(value.get("logvar"), "style_code.logvar") if value.get("logvar") is not None else None
         value = value["mu"]
-    return _vector(value, z_dim, "style_code"), logvar
+    return _vector(value, "style_code"), logvar
 
 
-def _vector(value: Any, n: int, name: str) -> np.ndarray:
-    if not isinstance(value, list) or len(value) != n or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-        raise RequestError(400, f"{name} must be a list of {n} numbers")
+def _vector(value: Any, name: str) -> np.ndarray:
+    if not isinstance(value, list) or not value or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        raise RequestError(400, f"{name} must be a list of numbers")
     out = np.asarray(value, dtype=np.float32)
     if not np.isfinite(out).all():
         raise RequestError(400, f"{name} must be finite")
@@ -435,7 +437,7 @@ class SpadeIngress:
 
     async def _encode(self, info: dict[str, Any], rgb: np.ndarray) -> dict[str, Any]:
         if self.encoder is None or info["model"].generator.z_dim is None:
-            raise RequestError(400, "this model has no style encoder (it was not trained as a VAE): send no style")
+            raise RequestError(400, NO_STYLE_INPUT)
         handle = self.encoder.options(multiplexed_model_id=info["id"])
         return await self._call(lambda: handle.encode.remote(rgb), timeout=self.settings.limits.request_timeout_s)
 
@@ -450,6 +452,8 @@ class SpadeIngress:
                     "X-Checkpoint": {"description": "identity of the checkpoint that drew it", "schema": {"type": "string"}},
                     "X-Model": {"description": "the served model's name", "schema": {"type": "string"}},
                     "X-Batch-Size": {"description": "requests merged into its batch", "schema": {"type": "string"}},
+                    "X-Seed": {"description": "VAE models: the seed z was drawn from (the request's, or a fresh one): "
+                                              "send it as seed to draw the same image again", "schema": {"type": "string"}},
                 },
             },
             **UPLOAD_ERRORS,
@@ -477,46 +481,32 @@ class SpadeIngress:
         out_size = parse_size(size, original=ids.shape, model=config.generator.output_size, max_side=limits.max_output_side)
         inst = None
         if instance is not None:
-            if not config.labels.instance_edges:
-                raise RequestError(400, "this model takes no instance map: send no instance field")
             inst = label_ids(await _read(instance, "instance"), field="instance", palette=info["palette"], max_pixels=limits.max_pixels)
-            if inst.shape != ids.shape:
-                raise RequestError(400, f"instance is {inst.shape[1]}x{inst.shape[0]} but labels is {ids.shape[1]}x{ids.shape[0]}")
-        elif config.labels.instance_edges:
-            raise RequestError(400, "this model needs an instance field (instance-id PNG of the label map's size)")
-        z = await self._style_code(info, style, style_code, seed, timeout=limits.request_timeout_s)
+        mu, logvar = await self._style_code(info, style, style_code)
         remaining = limits.request_timeout_s - (time.monotonic() - started)
         handle = self.generator.options(multiplexed_model_id=info["id"])  # Serve routes it to a replica holding the model
-        result = await self._call(lambda: handle.synthesize.remote(ids, z, inst), timeout=max(remaining, 0.001))
+        # the replica's model checks the inputs and draws z from the seed (SpadeModel.check_inputs / sample_z)
+        result = await self._call(lambda: handle.synthesize.remote(ids, instance=inst, mu=mu, logvar=logvar, seed=seed),
+                                  timeout=max(remaining, 0.001))
         rgb = resize_rgb(result["image"], out_size)
         body = await asyncio.to_thread(encode_image, rgb, fmt, quality=self.settings.jpeg_quality)
         headers = {"X-Checkpoint": result["identity"], "X-Model": info["name"],
                    "X-Batch-Size": str(result["batch_size"])}
+        if result["seed"] is not None:
+            headers["X-Seed"] = str(result["seed"])
         return Response(content=body, media_type=MEDIA_TYPES[fmt], headers=headers)
 
     async def _style_code(
-        self, info: dict[str, Any], style: UploadFile | str | None, style_code: str | None, seed: int | None, *, timeout: float
-    ) -> np.ndarray | None:
-        """z for VAE models: from the style image (mu, or a sample around it with a seed), the
-        given code, or N(0, I) from the seed (random without one); None for other models."""
-        z_dim = info["model"].generator.z_dim
-        if z_dim is None:
-            if style is not None or style_code is not None:
-                raise RequestError(400, "this model has no style input (it was not trained with an encoder): send neither style nor style_code")
-            return None
+        self, info: dict[str, Any], style: UploadFile | str | None, style_code: str | None
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(mu, logvar) of the style the request names: its image through the StyleEncoder, or
+        its style_code (logvar None for a bare list); (None, None) without one."""
         if style is not None and style_code is not None:
             raise RequestError(400, "send either style or style_code, not both")
-        rng = np.random.default_rng(seed)
         if style is not None:
             rgb = rgb_image(await _read(style, "style"), field="style", max_pixels=self.settings.limits.max_pixels)
             code = await self._encode(info, rgb)
-            mu, logvar = np.asarray(code["mu"], np.float32), np.asarray(code["logvar"], np.float32)
-            if seed is None:
-                return mu  # deterministic, as spade_core's synthesize(style=...)
-            return (mu + rng.standard_normal(z_dim).astype(np.float32) * np.exp(0.5 * logvar)).astype(np.float32)
+            return np.asarray(code["mu"], np.float32), np.asarray(code["logvar"], np.float32)
         if style_code is not None:
-            mu, logvar = _parse_style_code(style_code, z_dim)
-            if logvar is None or seed is None:
-                return mu
-            return (mu + rng.standard_normal(z_dim).astype(np.float32) * np.exp(0.5 * logvar)).astype(np.float32)
-        return rng.standard_normal(z_dim).astype(np.float32)
+            return _parse_style_code(style_code)
+        return None, None

@@ -11,7 +11,7 @@ import torch
 
 from .config import LabelConfig
 
-_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
 def label_channels(labels: torch.Tensor, config: LabelConfig) -> torch.Tensor:
@@ -21,7 +21,7 @@ def label_channels(labels: torch.Tensor, config: LabelConfig) -> torch.Tensor:
     """
     if not isinstance(labels, torch.Tensor):
         raise ValueError(f"labels must be a torch.Tensor of integer label ids, got {type(labels).__name__}")
-    if labels.dtype not in _INTEGER_DTYPES:
+    if labels.dtype not in INTEGER_DTYPES:
         raise ValueError(f"labels must have an integer dtype (raw label ids), got {labels.dtype}")
     if labels.dim() != 3:
         raise ValueError(f"labels must have shape (B, H, W), got {tuple(labels.shape)}")

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .checkpoint import SpadeModel, build_model, load_checkpoint
+from .checkpoint import load_checkpoint
+from .model import SpadeModel, build_model
 from .config import GeneratorConfig, ModelConfig
 from .preprocess import LABEL_MODES, to_uint8, to_unit_range
 from .semantics import colorize

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .checkpoint import SpadeModel
+from .model import SpadeModel
 from .semantics import one_hot
 
 

@@ -155,14 +155,14 @@ def test_instance_map_errors(plain: spade_core.SpadeModel, with_instance: spade_
 
 
 def test_style_image_for_model_without_encoder(plain: spade_core.SpadeModel) -> None:
-    with pytest.raises(ValueError, match=r"no style input \(not a VAE model\): pass neither style nor z"):
+    with pytest.raises(ValueError, match=r"no style input \(not a VAE model\): send neither a style image nor a style code"):
         plain.synthesize(labels(), style=style())
-    with pytest.raises(ValueError, match=r"this model has no style encoder \(it was not trained as a VAE\)"):
+    with pytest.raises(ValueError, match=r"this model has no style input \(not a VAE model\)"):
         plain.encode(style())
 
 
 def test_z_for_model_without_vae(plain: spade_core.SpadeModel) -> None:
-    with pytest.raises(ValueError, match=r"no style input \(not a VAE model\): pass neither style nor z"):
+    with pytest.raises(ValueError, match=r"no style input \(not a VAE model\): send neither a style image nor a style code"):
         plain.synthesize(labels(), z=torch.zeros(2, 16))
 
 
@@ -209,6 +209,27 @@ def test_malformed_style(vae: spade_core.SpadeModel, img: Any, message: str) -> 
 def test_z_of_wrong_shape(vae: spade_core.SpadeModel, z: Any, got: str) -> None:
     with pytest.raises(ValueError, match=r"z must be a float tensor of shape \(2, 16\), got " + got):
         vae.synthesize(labels(), z=z)
+
+
+def test_z_must_be_finite(vae: spade_core.SpadeModel) -> None:
+    z = torch.zeros(2, 16)
+    z[1, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"z must be finite"):
+        vae.synthesize(labels(), z=z)
+
+
+def test_a_seed_gives_one_style_code_whichever_caller_draws_it(vae: spade_core.SpadeModel) -> None:
+    """sample_z is the one place a seed becomes z: synthesize(seed=) and a caller that samples
+    first (the Serve replica does, per request) draw the same image."""
+    lab = labels(batch=1)
+    assert torch.equal(vae.synthesize(lab, seed=7), vae.synthesize(lab, z=vae.sample_z(1, seed=7)))
+    image = style(batch=1)
+    mu, logvar = vae.encode(image)
+    assert torch.equal(vae.sample_z(1, mu=mu, logvar=logvar), mu)  # no seed: the encoded style itself
+    assert torch.equal(vae.synthesize(lab, style=image, seed=3),
+                       vae.synthesize(lab, z=vae.sample_z(1, seed=3, mu=mu, logvar=logvar)))
+    with pytest.raises(ValueError, match=r"style code's mu must be 1 x 16 finite numbers"):
+        vae.sample_z(1, mu=torch.zeros(1, 15))
 
 
 def test_style_and_z_together(vae: spade_core.SpadeModel) -> None:

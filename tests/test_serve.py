@@ -172,6 +172,20 @@ def test_encode_then_style_code_gives_the_same_image_and_seeds_are_reproducible(
     a, b, c = (post(url + "/v1/synthesize", {"labels": labels}, data={"seed": s}) for s in (7, 7, 8))
     assert np.array_equal(decode(a.content), decode(b.content))
     assert not np.array_equal(decode(a.content), decode(c.content))
+    assert a.headers["X-Seed"] == "7"
+    fresh = post(url + "/v1/synthesize", {"labels": labels})  # no seed: a fresh one, said, so the draw can be repeated
+    again = post(url + "/v1/synthesize", {"labels": labels}, data={"seed": fresh.headers["X-Seed"]})
+    assert np.array_equal(decode(fresh.content), decode(again.content))
+    assert "X-Seed" not in by_style.headers  # z = the style's mu: nothing was drawn
+
+
+def test_a_seed_draws_the_same_image_over_http_as_in_python(server) -> None:  # type: ignore[no-untyped-def]
+    """SpadeModel.sample_z is the one place a seed becomes z: the API and a notebook agree."""
+    labels = labels_map(seed=5)
+    r = post(server["url"] + "/v1/synthesize", {"labels": png(labels)}, data={"seed": 11})
+    assert r.status_code == 200, r.text
+    want = expected_image(server["models"]["vae"], labels, seed=11)
+    assert np.abs(decode(r.content).astype(int) - want.astype(int)).max() <= 1
 
 
 def test_plain_model_rgb_palette_size_and_formats(server) -> None:  # type: ignore[no-untyped-def]
@@ -230,7 +244,7 @@ BAD = [
     ("ids out of range", {"labels": np.full((20, 20), 40, np.uint8)}, {}, 400, "outside the model's classes"),
     ("colour not in palette", {"labels": np.full((8, 8, 3), (1, 2, 3), np.uint8)}, {}, 400, "palette"),
     ("bad style code", {"labels": labels_map()}, {"style_code": "[1, 2"}, 400, "not valid JSON"),
-    ("wrong style code length", {"labels": labels_map()}, {"style_code": "[1, 2]"}, 400, "16 numbers"),
+    ("wrong style code length", {"labels": labels_map()}, {"style_code": "[1, 2]"}, 400, "1 x 16 finite numbers"),
     ("style and code", {"labels": labels_map(), "style": np.zeros((8, 8, 3), np.uint8)}, {"style_code": "[0]"}, 400, "either"),
     ("bad format", {"labels": labels_map()}, {"format": "gif"}, 400, "format"),
     ("bad size", {"labels": labels_map()}, {"size": "big"}, 400, "size"),

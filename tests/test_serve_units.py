@@ -15,7 +15,7 @@ import spade_core
 from spade_core.config import GeneratorConfig, LabelConfig, ModelConfig, SpadeConfig
 from serve_app.checkpoints import resolve_checkpoint
 from serve_app.config import ServeConfig, load_serve_config
-from serve_app.images import Palette, RequestError, label_ids, parse_size, resize_nearest, rgb_image
+from serve_app.images import Palette, RequestError, label_ids, parse_size, rgb_image
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ModelConfig(labels=LabelConfig(label_nc=6), generator=GeneratorConfig(ngf=8, crop_size=64, spade=SpadeConfig(hidden=8)))
@@ -129,14 +129,16 @@ def test_pixel_cap_is_checked_before_decoding() -> None:
     assert err.value.status == 400
 
 
-def test_nearest_resize_matches_torch_interpolate() -> None:
+def test_nearest_id_resize_matches_torch_interpolate() -> None:
     import torch
     import torch.nn.functional as F
 
-    ids = np.random.default_rng(0).integers(0, 50, (37, 53))
+    from spade_core.model import resize_ids
+
+    ids = torch.from_numpy(np.random.default_rng(0).integers(0, 50, (37, 53)))
     for size in [(64, 64), (20, 90), (37, 53)]:
-        want = F.interpolate(torch.from_numpy(ids)[None, None].float(), size=size, mode="nearest")[0, 0].long().numpy()
-        assert np.array_equal(resize_nearest(ids, size), want)
+        want = F.interpolate(ids[None, None].float(), size=size, mode="nearest")[0, 0].long()
+        assert torch.equal(resize_ids(ids, size), want) and torch.equal(resize_ids(ids[None], size)[0], want)
 
 
 def test_output_size_parsing() -> None:

@@ -36,7 +36,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from spade_core.checkpoint import WEIGHT_FILES, SpadeModel, incomplete, save_checkpoint, write_manifest
+from spade_core.checkpoint import WEIGHT_FILES, incomplete, save_checkpoint, write_manifest
+from spade_core.model import SpadeModel
 from spade_core.runs import BEST_DIR, BEST_FILE, latest_in_run, read_best
 
 from .config import LOWER_IS_BETTER
