@@ -133,13 +133,9 @@ class FastGenerator(nn.Module):
         kw = dict(num_labels=self.num_labels, edges=self.edges, dtype=dtype)
         self.fc_gather = GatherConv(g.fc, **kw) if cfg.z_dim is None else None
         self.fc = plain_copy(g.fc) if cfg.z_dim is not None else None
-        names = ["head_0", "G_middle_0", "G_middle_1", "up_0", "up_1", "up_2", "up_3"]
-        if cfg.num_upsampling_layers == "most":
-            names.append("up_4")
-        # upsample before each block except head_0, and before G_middle_0/_1 per the schedule
-        more = cfg.num_upsampling_layers in ("more", "most")
-        self.upsample_before = [False, True, more] + [True] * (len(names) - 3)
-        self.blocks = nn.ModuleList(FastBlock(getattr(g, n), **kw) for n in names)
+        schedule = g.schedule()
+        self.upsample_before = [up for _, up in schedule]
+        self.blocks = nn.ModuleList(FastBlock(getattr(g, name), **kw) for name, _ in schedule)
         self.conv_img = plain_copy(g.conv_img)
         self.spade_kernel = cfg.spade.kernel_size
         for module in (self.fc, self.conv_img, *self.blocks):

@@ -65,16 +65,18 @@ class SPADEGenerator(nn.Module):
             x = seg.conv(self.fc.weight, self.fc.bias, size=(self.sh, self.sw))
         else:
             x = self.fc(F.interpolate(seg, size=(self.sh, self.sw), mode="nearest"))
-        x = self.head_0(x, seg)
-        x = upsample(x)
-        x = self.G_middle_0(x, seg)
-        if self.config.num_upsampling_layers in ("more", "most"):
-            x = upsample(x)
-        x = self.G_middle_1(x, seg)
-        for name in ("up_0", "up_1", "up_2", "up_3") + (("up_4",) if self.config.num_upsampling_layers == "most" else ()):
-            x = upsample(x)
+        for name, upsample_first in self.schedule():
+            if upsample_first:
+                x = upsample(x)
             x = getattr(self, name)(x, seg)
         return torch.tanh(self.conv_img(leaky(x)))
+
+    def schedule(self) -> list[tuple[str, bool]]:
+        """The residual blocks in forward order, each with whether a 2x upsampling precedes
+        it: the one statement of the network's shape, which the fast path follows too."""
+        more = self.config.num_upsampling_layers in ("more", "most")
+        ups = ["up_0", "up_1", "up_2", "up_3"] + (["up_4"] if self.config.num_upsampling_layers == "most" else [])
+        return [("head_0", False), ("G_middle_0", True), ("G_middle_1", more)] + [(name, True) for name in ups]
 
 
 def upsample(x: torch.Tensor) -> torch.Tensor:
