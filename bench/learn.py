@@ -35,6 +35,7 @@ import spade_core  # noqa: E402
 from spade_core.runs import read_best  # noqa: E402
 from spade_core.testing import random_inception_state  # noqa: E402
 from train_job.__main__ import build_trainer  # noqa: E402
+from train_job.callbacks import TimeBudget  # noqa: E402
 from train_job.config import load_train_config  # noqa: E402
 from train_job.metrics import save_grid  # noqa: E402
 from train_job.prepare import main as prepare_main  # noqa: E402
@@ -88,7 +89,7 @@ def main() -> None:
         chance = evaluator(untrained.generator).values
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         t0 = time.perf_counter()
-        result = build_trainer(cfg, extra_loop_config={"time_budget_s": args.minutes * 60}).fit()
+        result = build_trainer(cfg, callbacks=[TimeBudget(args.minutes * 60)]).fit()
         train_s = time.perf_counter() - t0
         ray.shutdown()
         if result.error is not None:

@@ -555,7 +555,7 @@ def test_metrics_need_no_scipy_until_a_distance_is_computed() -> None:
     it imports Ray)."""
     code = (
         "import sys; sys.modules['scipy'] = None\n"
-        "import numpy as np, spade_core, spade_core.metrics as m, train_job.loop, serve_app.app\n"
+        "import numpy as np, spade_core, spade_core.metrics as m, train_job.trainer, serve_app.app\n"
         "assert 'scipy' not in [k for k, v in sys.modules.items() if v is not None and k.startswith('scipy')]\n"
         "try:\n"
         "    m.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.eye(2))\n"

@@ -12,6 +12,7 @@ import torch
 
 import spade_core
 from train_job.__main__ import build_trainer, main as train_main
+from train_job.callbacks import KillWorkerOnce, SaveNormStats, StopAtStep
 from train_job.config import load_train_config
 from train_job.prepare import main as prepare_main
 from train_job.synthetic import write_dataset
@@ -55,7 +56,7 @@ def test_two_workers_train_and_the_checkpoint_loads(ray_cluster, shards: Path, t
     cfg = tiny_config(shards, tmp_path, "basic")
     stats_dir = tmp_path / "stats"
     stats_dir.mkdir()
-    result = build_trainer(cfg, extra_loop_config={"dump_norm_stats_dir": str(stats_dir)}).fit()
+    result = build_trainer(cfg, callbacks=[SaveNormStats(stats_dir)]).fit()
     assert result.error is None and result.checkpoint is not None
     state = saved_state(result.checkpoint.path)
     assert state["state"] == {"step": 12, "epoch": 2, "epoch_step": 0}
@@ -76,14 +77,14 @@ def test_unsynced_batch_norm_statistics_differ_across_ranks(ray_cluster, shards:
     cfg = tiny_config(shards, tmp_path, "unsynced", "scaling.sync_batchnorm=false", "optim.niter_decay=1")
     stats_dir = tmp_path / "stats"
     stats_dir.mkdir()
-    assert build_trainer(cfg, extra_loop_config={"dump_norm_stats_dir": str(stats_dir)}).fit().error is None
+    assert build_trainer(cfg, callbacks=[SaveNormStats(stats_dir)]).fit().error is None
     rank0, rank1 = (torch.load(stats_dir / f"rank{r}.pt") for r in range(2))
     assert any(not torch.allclose(rank0[k], rank1[k], atol=1e-5) for k in rank0)
 
 
 def test_a_killed_worker_is_replaced_and_training_resumes(ray_cluster, shards: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     cfg = tiny_config(shards, tmp_path, "faulty", "scaling.max_failures=1", "optim.niter_decay=1")
-    result = build_trainer(cfg, extra_loop_config={"fail_at_step": 5}).fit()
+    result = build_trainer(cfg, callbacks=[KillWorkerOnce(5)]).fit()
     assert result.error is None
     assert (tmp_path / "faulty/.fault_injected").exists()  # the worker really died once
     assert saved_state(result.checkpoint.path)["state"]["step"] == 6
@@ -93,7 +94,7 @@ def test_a_killed_worker_is_replaced_and_training_resumes(ray_cluster, shards: P
 
 def test_rerun_and_resume_flag_continue_the_exact_step_lr_schedule_and_optimiser_state(ray_cluster, shards: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     cfg = tiny_config(shards, tmp_path, "resumed")
-    first = build_trainer(cfg, extra_loop_config={"stop_at_step": 4}).fit()  # stops mid-epoch 0
+    first = build_trainer(cfg, callbacks=[StopAtStep(4)]).fit()  # stops mid-epoch 0
     assert saved_state(first.checkpoint.path)["state"] == {"step": 4, "epoch": 0, "epoch_step": 4}
     # --resume (before the rerun below prunes that checkpoint): a new run, under its own name,
     # starts from the first run's step-4 checkpoint
@@ -133,7 +134,7 @@ def test_mixed_precision_channels_last_and_clipping_train_one_worker(ray_cluster
         shards, tmp_path, f"amp_{precision}", f"optim.precision={precision}", "optim.channels_last=true",
         "optim.grad_clip=1.0", "optim.ema_decay=null", "scaling.num_workers=1", "optim.niter_decay=1", "checkpoint.every_steps=2",
     )
-    result = build_trainer(cfg, extra_loop_config={"stop_at_step": 2}).fit()  # fp16 convs are slow on CPUs
+    result = build_trainer(cfg, callbacks=[StopAtStep(2)]).fit()  # fp16 convs are slow on CPUs
     assert result.error is None
     state = saved_state(result.checkpoint.path)
     assert state["state"]["step"] == 2

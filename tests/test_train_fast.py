@@ -316,30 +316,31 @@ def test_bf16_autocast_training_step(name: str) -> None:
 
 
 def test_training_loop_iteration_takes_the_fast_path_with_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
-    """train_job.loop with optim.fast_path on (the presets' default) and off: the fast run
+    """The Trainer with optim.fast_path on (the presets' default) and off: the fast run
     trains fused networks on a LabelMap, the plain one the reference's computation on the
     dense one-hot, and one iteration gives the same loss terms."""
     from pathlib import Path
 
-    import train_job.loop as loop
+    import train_job.trainer as trainer_module
     from train_job.config import load_train_config
     from spade_core.norms import SPADE
 
     seen = []
-    real_generator_losses = loop.generator_losses
-    monkeypatch.setattr(loop, "generator_losses", lambda nets, sem, *a, **k: seen.append(sem) or real_generator_losses(nets, sem, *a, **k))
+    real_generator_losses = trainer_module.generator_losses
+    monkeypatch.setattr(trainer_module, "generator_losses",
+                        lambda nets, sem, *a, **k: seen.append(sem) or real_generator_losses(nets, sem, *a, **k))
     terms = {}
     for fast_path in (False, True):
-        cfg = load_train_config(Path(__file__).parents[1] / "cluster/configs/tiny.yaml", [f"optim.fast_path={str(fast_path).lower()}"])
-        model = loop.build_training_model(cfg, device=torch.device("cpu"), sync_batchnorm=False)
+        cfg = load_train_config(Path(__file__).parents[1] / "cluster/configs/tiny.yaml",
+                                [f"optim.fast_path={str(fast_path).lower()}", "optim.ema_decay=null"])
+        trainer = trainer_module.Trainer(cfg, device=torch.device("cpu"))  # no Ray: one rank, no process group
+        model = trainer.model
         randomize_weights(model, seed=2)
         assert all((m.fuse_modulation is True) == fast_path for m in model.modules() if isinstance(m, SPADE))
         assert all(m.fused == fast_path for m in model.modules() if isinstance(m, SpectralNorm))
-        nets = Networks(model.generator, model.discriminator, None)
-        optimizers = {"generator": torch.optim.Adam(model.generator.parameters()), "discriminator": torch.optim.Adam(model.discriminator.parameters())}
         torch.manual_seed(0)
         batch = make_batch(cfg.model, batch=2)
-        terms[fast_path] = loop._iteration(cfg, nets, model, batch, optimizers, None, None, None, None, 0, torch.device("cpu"))
+        terms[fast_path] = trainer.train_step(batch)
         assert isinstance(seen[-1], LabelMap) == fast_path
     assert terms[True].keys() == terms[False].keys() == {"G_GAN", "G_feat", "D_fake", "D_real"}
     for k in terms[False]:

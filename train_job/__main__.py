@@ -12,16 +12,19 @@ import os
 import sys
 from dataclasses import replace
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
+from .callbacks import Callback
 from .config import TrainConfig, load_train_config
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
 
-def build_trainer(cfg: TrainConfig, *, extra_loop_config: dict[str, Any] | None = None) -> Any:
-    """The TorchTrainer for ``cfg`` (Ray must be initialised)."""
+def build_trainer(cfg: TrainConfig, *, callbacks: Sequence[Callback] = ()) -> Any:
+    """The TorchTrainer for ``cfg`` (Ray must be initialised); ``callbacks`` (``train_job.callbacks``)
+    run on every worker."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -42,11 +45,11 @@ def build_trainer(cfg: TrainConfig, *, extra_loop_config: dict[str, Any] | None 
         cfg.data.shards, split=cfg.data.split, preprocess=cfg.data.preprocess, train=True, seed=cfg.data.seed,
         decode_cpus=cfg.data.decode_cpus,
     )
-    from .loop import train_loop_per_worker
+    from .trainer import train_loop_per_worker
 
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": cfg.to_dict(), "num_examples": shards.count, **(extra_loop_config or {})},
+        train_loop_config={"train": cfg.to_dict(), "num_examples": shards.count, "callbacks": list(callbacks)},
         scaling_config=ray.train.ScalingConfig(**cfg.scaling.ray_kwargs()),
         datasets={"train": dataset},
         run_config=ray.train.RunConfig(
