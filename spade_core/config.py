@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types
-import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -45,6 +44,9 @@ class LabelConfig:
     def semantic_nc(self) -> int:
         return self.num_label_channels + int(self.instance_edges)
 
+    def __post_init__(self) -> None:
+        self.validate()  # built by configtools.build, a broken rule names its full key
+
     def validate(self) -> None:
         _require(self.label_nc >= 1, "labels.label_nc must be >= 1")
         _require(0 <= self.dontcare_value <= 255, "labels.dontcare_value must be in 0..255")
@@ -55,6 +57,9 @@ class SpadeConfig:
     norm: ParamFreeNorm = "batch"  # synced batch norm is a runtime choice, see norms.py
     kernel_size: int = 3
     hidden: int = 128
+
+    def __post_init__(self) -> None:
+        self.validate()  # built by configtools.build, a broken rule names its full key
 
     def validate(self) -> None:
         _require(self.norm in ("instance", "batch"), f"spade.norm must be 'instance' or 'batch', got {self.norm!r}")
@@ -90,6 +95,9 @@ class GeneratorConfig:
         sh, sw = self.initial_size
         scale = 2**self.num_upsamplings
         return sh * scale, sw * scale
+
+    def __post_init__(self) -> None:
+        self.validate()  # built by configtools.build, a broken rule names its full key
 
     def validate(self) -> None:
         _require(
@@ -133,6 +141,9 @@ class EncoderConfig:
     def num_layers(self) -> int:
         return int(round(math.log2(self.input_size // 4)))
 
+    def __post_init__(self) -> None:
+        self.validate()  # built by configtools.build, a broken rule names its full key
+
     def validate(self) -> None:
         n = self.input_size // 4
         _require(
@@ -151,6 +162,9 @@ class DiscriminatorConfig:
     norm: Literal["instance", "batch", "none"] = "instance"
     spectral_norm: bool = True
     image_nc: int = 3
+
+    def __post_init__(self) -> None:
+        self.validate()  # built by configtools.build, a broken rule names its full key
 
     def validate(self) -> None:
         _require(self.n_layers >= 1, "discriminator.n_layers must be >= 1")
@@ -185,81 +199,27 @@ class ModelConfig:
             self.encoder.validate()
             _require(
                 self.generator.z_dim == self.encoder.z_dim,
-                f"generator.z_dim ({self.generator.z_dim}) must equal encoder.z_dim ({self.encoder.z_dim}) in a VAE model",
+                f"model.generator.z_dim ({self.generator.z_dim}) must equal model.encoder.z_dim ({self.encoder.z_dim}) in a VAE model",
             )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        """Build from a dict (config.json); unknown or mistyped keys are errors naming the key."""
-        if not isinstance(data, dict):
+    def from_dict(cls, data: Any, where: str = "model") -> ModelConfig:
+        """Build from a mapping (config.json's ``model``, a training YAML's ``model:``); unknown
+        or mistyped keys and broken rules are errors naming the key's full dotted path.
+
+        Read by ``spade_core.configtools.build``, the loader every config of the project uses:
+        one set of rules and messages for config.json, the training job and serving.
+        """
+        from .configtools import build
+
+        if not isinstance(data, Mapping):
             raise ValueError(f"model config must be a mapping, got {type(data).__name__}")
-        known = {"labels", "generator", "encoder", "discriminator"}
-        _reject_unknown(data, known, "model")
-        generator = data.get("generator", {})
-        if not isinstance(generator, dict):
-            raise ValueError(f"generator must be a mapping, got {type(generator).__name__}")
-        gen = dict(generator)
-        spade = _build(SpadeConfig, gen.pop("spade", {}), "generator.spade")
-        encoder = data.get("encoder")
-        return cls(
-            labels=_build(LabelConfig, data.get("labels", {}), "labels"),
-            generator=_build(GeneratorConfig, {**gen, "spade": spade}, "generator"),
-            encoder=None if encoder is None else _build(EncoderConfig, encoder, "encoder"),
-            discriminator=_build(DiscriminatorConfig, data.get("discriminator", {}), "discriminator"),
-        )
+        return build(cls, data, where)
 
 
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
-
-
-def _reject_unknown(data: dict[str, Any], known: set[str], where: str) -> None:
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"unknown key(s) in {where}: {', '.join(unknown)}; expected some of {sorted(known)}")
-
-
-def _build(cls: type, data: Any, where: str) -> Any:
-    if isinstance(data, cls):
-        return data
-    if not isinstance(data, dict):
-        raise ValueError(f"{where} must be a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    _reject_unknown(data, set(hints), where)
-    for name, value in data.items():
-        if not dataclasses.is_dataclass(value):
-            _check_type(value, hints[name], f"{where}.{name}")
-    return cls(**data)
-
-
-def _check_type(value: Any, tp: Any, where: str) -> None:
-    if not _matches(value, tp):
-        raise ValueError(f"{where} has a wrong value {value!r}; expected {_describe(tp)}")
-
-
-def _matches(value: Any, tp: Any) -> bool:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return value in typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, arg) for arg in typing.get_args(tp))
-    if tp is type(None):
-        return value is None
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, tp)
-
-
-def _describe(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(tp))
-    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))

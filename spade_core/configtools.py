@@ -11,6 +11,14 @@ never on each other). What it gives a config schema:
   keys; :func:`apply_overrides` applies ``key=value`` overrides checked against the schema.
 
 Pure Python + PyYAML: importing it starts nothing.
+
+Why one small loader of our own and not pydantic (which Ray Serve installs): the model's
+architecture (``spade_core.config.ModelConfig``) is saved as config.json beside the weights
+and read back by a model library that must stay plain PyTorch, so it stays a frozen dataclass;
+pydantic models for the job and serving configs would then mean two systems of rules and
+two styles of message for one file's keys (a training YAML holds a ``model:`` section). One
+loader reads config.json, the training YAML and the Serve app's args, and every message names
+the full dotted key (``model.generator.ngf``) the same way.
 """
 
 from __future__ import annotations

@@ -355,12 +355,12 @@ def test_corrupt_safetensors(saved: Path, tmp_path: Path, corrupt: Any) -> None:
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda d: d["model"].update(extra=1), r"unknown key\(s\) in model: extra; expected some of"),
-        (lambda d: d["model"]["generator"].update(ngff=8), r"unknown key\(s\) in generator: ngff"),
-        (lambda d: d["model"]["generator"]["spade"].update(kernel=3), r"unknown key\(s\) in generator.spade: kernel"),
-        (lambda d: d["model"]["labels"].update(label_count=3), r"unknown key\(s\) in labels: label_count"),
-        (lambda d: d["model"]["encoder"].update(nef=3), r"unknown key\(s\) in encoder: nef"),
-        (lambda d: d["model"]["discriminator"].update(netD="x"), r"unknown key\(s\) in discriminator: netD"),
+        (lambda d: d["model"].update(extra=1), r"unknown key model.extra; model takes labels, generator"),
+        (lambda d: d["model"]["generator"].update(ngff=8), r"unknown key model.generator.ngff; model.generator takes ngf"),
+        (lambda d: d["model"]["generator"]["spade"].update(kernel=3), r"unknown key model.generator.spade.kernel; model.generator.spade takes norm"),
+        (lambda d: d["model"]["labels"].update(label_count=3), r"unknown key model.labels.label_count"),
+        (lambda d: d["model"]["encoder"].update(nef=3), r"unknown key model.encoder.nef"),
+        (lambda d: d["model"]["discriminator"].update(netD="x"), r"unknown key model.discriminator.netD"),
         (lambda d: d.update(comment="hi"), r"config.json: unknown key\(s\) comment; expected 'format_version' and 'model'"),
     ],
     ids=["model", "generator", "spade", "labels", "encoder", "discriminator", "top_level"],
@@ -374,11 +374,11 @@ def test_config_unknown_key(saved: Path, tmp_path: Path, edit, message: str) -> 
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda d: d["model"]["generator"].update(ngf="8"), r"generator.ngf has a wrong value '8'; expected int"),
-        (lambda d: d["model"]["generator"].update(ngf=8.0), r"generator.ngf has a wrong value 8.0; expected int"),
-        (lambda d: d["model"]["generator"].update(ngf=True), r"generator.ngf has a wrong value True; expected int"),
-        (lambda d: d["model"]["generator"].update(z_dim="16"), r"generator.z_dim has a wrong value '16'; expected int or null"),
-        (lambda d: d["model"]["generator"].update(aspect_ratio="1"), r"generator.aspect_ratio has a wrong value '1'; expected float"),
+        (lambda d: d["model"]["generator"].update(ngf="8"), r"model.generator.ngf has a wrong value '8'; expected an integer"),
+        (lambda d: d["model"]["generator"].update(ngf=8.0), r"model.generator.ngf has a wrong value 8.0; expected an integer"),
+        (lambda d: d["model"]["generator"].update(ngf=True), r"model.generator.ngf has a wrong value True; expected an integer"),
+        (lambda d: d["model"]["generator"].update(z_dim="16"), r"model.generator.z_dim has a wrong value '16'; expected an integer or null"),
+        (lambda d: d["model"]["generator"].update(aspect_ratio="1"), r"model.generator.aspect_ratio has a wrong value '1'; expected a finite number"),
         (
             lambda d: d["model"]["generator"].update(num_upsampling_layers="many"),
             r"generator.num_upsampling_layers has a wrong value 'many'; expected one of 'normal', 'more', 'most'",
@@ -387,12 +387,12 @@ def test_config_unknown_key(saved: Path, tmp_path: Path, edit, message: str) -> 
             lambda d: d["model"]["generator"]["spade"].update(norm="group"),
             r"generator.spade.norm has a wrong value 'group'; expected one of 'instance', 'batch'",
         ),
-        (lambda d: d["model"]["labels"].update(contain_dontcare_label=1), r"labels.contain_dontcare_label has a wrong value 1; expected bool"),
+        (lambda d: d["model"]["labels"].update(contain_dontcare_label=1), r"model.labels.contain_dontcare_label has a wrong value 1; expected true or false"),
         (lambda d: d["model"].update(generator=5), r"generator must be a mapping, got int"),
         (lambda d: d["model"].update(generator=[["ngf", 8]]), r"generator must be a mapping, got list"),
         (lambda d: d["model"]["generator"].update(spade="batch"), r"generator.spade must be a mapping, got str"),
         (lambda d: d["model"].update(encoder=[1]), r"encoder must be a mapping, got list"),
-        (lambda d: d["model"].update(labels=None), r"labels must be a mapping, got NoneType"),
+        (lambda d: d["model"].update(labels=None), r"model.labels must be a mapping, got null"),
         (lambda d: d.update(model=[]), r"model config must be a mapping, got list"),
         (lambda d: d.pop("model"), r"model config must be a mapping, got NoneType"),
     ],
@@ -436,7 +436,7 @@ def test_config_not_json(saved: Path, tmp_path: Path, content: bytes, message: s
 
 def test_config_that_fails_validation(saved: Path, tmp_path: Path) -> None:
     root = _edit_config(_copy(saved, tmp_path / "c"), lambda d: d["model"]["encoder"].update(z_dim=32))
-    with pytest.raises(ValueError, match=r"generator.z_dim \(16\) must equal encoder.z_dim \(32\)"):
+    with pytest.raises(ValueError, match=r"model.generator.z_dim \(16\) must equal model.encoder.z_dim \(32\)"):
         spade_core.load_checkpoint(root)
 
 
@@ -612,11 +612,11 @@ def _gen(**kw: Any) -> ModelConfig:
         (lambda: _gen(z_dim=0), r"generator.z_dim must be >= 1 or null"),
         (
             lambda: ModelConfig(generator=GeneratorConfig(ngf=8, crop_size=64, z_dim=64), encoder=EncoderConfig(z_dim=256)),
-            r"generator.z_dim \(64\) must equal encoder.z_dim \(256\) in a VAE model",
+            r"model.generator.z_dim \(64\) must equal model.encoder.z_dim \(256\) in a VAE model",
         ),
         (
             lambda: ModelConfig(generator=GeneratorConfig(ngf=8, crop_size=64), encoder=EncoderConfig(z_dim=256)),
-            r"generator.z_dim \(None\) must equal encoder.z_dim \(256\) in a VAE model",
+            r"model.generator.z_dim \(None\) must equal model.encoder.z_dim \(256\) in a VAE model",
         ),
         (
             lambda: ModelConfig(encoder=EncoderConfig(input_size=100), generator=GeneratorConfig(z_dim=256)),

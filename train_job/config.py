@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import re
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -44,9 +43,7 @@ from spade_core.config import ModelConfig
 from spade_core.configtools import (
     build,
     check_fields,
-    check_tree,
     dump_yaml_text,
-    join_key,
     load_yaml,
     reject_unknown,
     require,
@@ -542,7 +539,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
         """Build and validate; unknown keys and bad values are ValueErrors naming the dotted key."""
-        return build(cls, data, "", builders={ModelConfig: _build_model, EvalConfig: _build_eval})
+        return build(cls, data, "", builders={EvalConfig: _build_eval})
 
 
 # ---------------------------------------------------------------------------------------
@@ -583,32 +580,10 @@ def dump_yaml(config: TrainConfig, path: str | os.PathLike[str] | None = None) -
 # Building and checking dataclasses from raw mappings
 
 
-def _build_model(data: Mapping[str, Any], where: str) -> ModelConfig:
-    # Check keys and types here first, for messages with the full dotted key; then let
-    # ModelConfig.from_dict build it, so the model config reads exactly as config.json does.
-    check_tree(data, ModelConfig, where)
-    try:
-        return ModelConfig.from_dict(dict(data))
-    except ValueError as exc:
-        raise ValueError(_qualify_model(str(exc), where)) from exc
-
-
 def _build_eval(data: Mapping[str, Any], where: str) -> EvalConfig:
     # configtools reads scalars and mappings; EvalConfig checks its list of metrics itself
     reject_unknown(data, type_hints(EvalConfig), where)
     return EvalConfig(**dict(data))
-
-
-# spade_core's messages name keys relative to the model config ('generator.ngf', and
-# 'spade.norm' for generator.spade); prefix them so they read as keys of this file.
-_MODEL_PARTS = re.compile(r"(?<![\w.'\"])(labels|generator|encoder|discriminator|spade)(?=[.:\s]|$)")
-
-
-def _qualify_model(message: str, where: str) -> str:
-    def full(m: re.Match[str]) -> str:
-        return join_key(where, "generator.spade" if m.group(1) == "spade" else m.group(1))
-
-    return _MODEL_PARTS.sub(full, message)
 
 
 # ---------------------------------------------------------------------------------------
