@@ -74,7 +74,8 @@ import spade_core  # noqa: E402
 from spade_core.config import EncoderConfig, ModelConfig  # noqa: E402
 from spade_core.fast import FastGenerator  # noqa: E402
 from spade_core.losses import LossConfig  # noqa: E402
-from spade_core.norms import SyncBatchNorm, convert_sync_batchnorm, set_fast_training  # noqa: E402
+from spade_core.norms import set_fast_training  # noqa: E402
+from spade_core.syncbn import SyncBatchNorm, convert_sync_batchnorm  # noqa: E402
 from spade_core.semantics import label_channels, one_hot, semantic_input  # noqa: E402
 from spade_core.testing import randomize_weights  # noqa: E402
 
@@ -505,7 +506,7 @@ def _trainer_sync_worker(config: dict[str, Any]) -> None:
 
         forced = TorchSyncFunction.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, 0.1, group, 1)
     else:
-        from spade_core.norms import _cpu_sync_batch_norm
+        from spade_core.syncbn import _cpu_sync_batch_norm
 
         forced = _cpu_sync_batch_norm(convert_sync_batchnorm(bn), x)
     errors["forced_sync_computation"] = relative_error(forced, plain)
@@ -537,7 +538,7 @@ def _rank_worker(rank: int, world: int, port: int, device: str, channels: int, b
         if dev.type == "cuda" and not _gathers_on_device(dev):
             # torch's CUDA computation all-gathers the statistics, which gloo may refuse for
             # CUDA tensors (torch's backend table); the all-reduce path is also ours to check
-            from spade_core.norms import _cpu_sync_batch_norm
+            from spade_core.syncbn import _cpu_sync_batch_norm
 
             layer = synced[1]
             layer.forward = lambda t: _cpu_sync_batch_norm(layer, t)  # type: ignore[method-assign]

@@ -51,7 +51,8 @@ sys.path.insert(0, str(REPO))
 import spade_core  # noqa: E402
 from spade_core.config import DiscriminatorConfig, GeneratorConfig, LabelConfig, ModelConfig, SpadeConfig  # noqa: E402
 from spade_core.losses import LossConfig, VGG19Features, VGGLoss  # noqa: E402
-from spade_core.norms import convert_sync_batchnorm, set_fast_training  # noqa: E402
+from spade_core.norms import set_fast_training  # noqa: E402
+from spade_core.syncbn import convert_sync_batchnorm  # noqa: E402
 from train_job.steps import Networks, discriminator_losses, generator_losses, semantics_of  # noqa: E402
 
 SAMPLE = REPO / "samples/ade20k/ADEChallengeData2016/annotations/training/ADE_train_00000001.png"

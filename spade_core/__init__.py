@@ -6,7 +6,8 @@ from .discriminator import MultiscaleDiscriminator
 from .encoder import ConvEncoder
 from .generator import SPADEGenerator
 from .model import SpadeModel, build_model
-from .norms import SPADE, SyncBatchNorm, convert_sync_batchnorm
+from .norms import SPADE
+from .syncbn import SyncBatchNorm, convert_sync_batchnorm
 
 __all__ = [
     "ConvEncoder",

@@ -8,7 +8,8 @@ from torch import nn
 
 from .config import SpadeConfig
 from .labelmap import LabelMap
-from .norms import SPADE, spectral
+from .norms import SPADE
+from .spectral import spectral
 
 
 class SPADEResnetBlock(nn.Module):

@@ -20,15 +20,16 @@ from torch.nn.utils import parametrize
 from .blocks import SPADEResnetBlock
 from .config import LabelConfig
 from .generator import SPADEGenerator
-from .labelmap import LabelMap, conv_table, gather_indices  # noqa: F401 - gather_indices re-exported
+from .gather import conv_table
+from .labelmap import LabelMap
 from .norms import SPADE
 
 
 class GatherConv(nn.Module):
     """A kxk conv (zero padding k//2) of a one-hot label map (+ optional binary edge channel), via gathers.
 
-    Input: gather indices from :func:`gather_indices` (or a :class:`~spade_core.labelmap.LabelMap`
-    plan); output (B, C_out, H, W) channels_last. The table is :func:`~spade_core.labelmap.conv_table`'s,
+    Input: gather indices from :func:`~spade_core.gather.gather_indices` (or a :class:`~spade_core.labelmap.LabelMap`
+    plan); output (B, C_out, H, W) channels_last. The table is :func:`~spade_core.gather.conv_table`'s,
     frozen.
     """
 

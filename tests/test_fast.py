@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 import spade_core
 from spade_core.config import DiscriminatorConfig, GeneratorConfig, LabelConfig, ModelConfig, SpadeConfig
-from spade_core.fast import FastGenerator, GatherConv, gather_indices
+from spade_core.fast import FastGenerator, GatherConv
+from spade_core.gather import gather_indices
 from spade_core.semantics import label_channels
 from spade_core.testing import randomize_weights
 

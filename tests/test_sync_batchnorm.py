@@ -26,7 +26,7 @@ from spade_core import (
     SyncBatchNorm,
     convert_sync_batchnorm,
 )
-from spade_core import norms
+from spade_core import syncbn
 
 TOL = 1e-5
 BN_VARIANTS = [
@@ -82,13 +82,13 @@ def test_outside_a_group_it_is_batchnorm(kwargs: dict) -> None:
 @pytest.mark.parametrize("kwargs", BN_VARIANTS, ids=lambda k: ",".join(f"{a}={v}" for a, v in k.items()) or "default")
 def test_cpu_sync_math_matches_batchnorm(kwargs: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """The gloo code path with a one-rank 'all-reduce' is batch norm: output, grads, running stats."""
-    monkeypatch.setattr(norms._AllReduceSum, "apply", lambda t, group: t)  # a one-rank group
+    monkeypatch.setattr(syncbn._AllReduceSum, "apply", lambda t, group: t)  # a one-rank group
     bn, sync = _pair(**kwargs)
     for _ in range(3):
         x = (torch.randn(4, 3, 5, 6) * 2 + 1).requires_grad_()
         xs = x.detach().clone().requires_grad_()
         w = torch.randn(4, 3, 5, 6)
-        out, out_s = bn(x), norms._cpu_sync_batch_norm(sync, xs)
+        out, out_s = bn(x), syncbn._cpu_sync_batch_norm(sync, xs)
         assert _max_diff(out, out_s) <= TOL
         (out * w).sum().backward()
         (out_s * w).sum().backward()
@@ -100,17 +100,17 @@ def test_cpu_sync_math_matches_batchnorm(kwargs: dict, monkeypatch: pytest.Monke
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cpu_sync_low_precision_inputs(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(norms._AllReduceSum, "apply", lambda t, group: t)  # a one-rank group
+    monkeypatch.setattr(syncbn._AllReduceSum, "apply", lambda t, group: t)  # a one-rank group
     bn, sync = _pair()
     x = (torch.randn(4, 3, 5, 6) * 3 + 2).to(dtype)
     ref = bn(x.float())
-    out = norms._cpu_sync_batch_norm(sync, x)
+    out = syncbn._cpu_sync_batch_norm(sync, x)
     assert out.dtype == dtype
     assert _max_diff(ref, out) <= 0.05
     _assert_same_state(bn, sync)  # stats from the (exactly representable) low-precision values
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = nn.Conv2d(3, 3, 1)(torch.randn(2, 3, 4, 4))
-        assert norms._cpu_sync_batch_norm(sync, y).dtype == y.dtype
+        assert syncbn._cpu_sync_batch_norm(sync, y).dtype == y.dtype
 
 
 def test_convert_keeps_device_dtype_and_parameters() -> None:

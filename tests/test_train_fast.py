@@ -11,9 +11,11 @@ import torch.nn.functional as F
 
 import spade_core
 from spade_core.config import DiscriminatorConfig, EncoderConfig, GeneratorConfig, LabelConfig, ModelConfig, SpadeConfig
-from spade_core.labelmap import LabelMap, gather_indices, label_map
+from spade_core.gather import gather_indices
+from spade_core.labelmap import LabelMap, label_map
 from spade_core.losses import LossConfig, VGG19Features, VGGLoss
-from spade_core.norms import SpectralNorm, set_fast_training
+from spade_core.norms import set_fast_training
+from spade_core.spectral import SpectralNorm
 from spade_core.semantics import semantic_input
 from spade_core.testing import randomize_weights
 from train_job.steps import Networks, discriminator_losses, generator_losses, semantics_of
@@ -261,8 +263,8 @@ def test_state_dict_keys_and_values_are_unchanged() -> None:
 
 
 def test_fused_spectral_norm_eval_mode_and_linear() -> None:
-    conv = spade_core.norms.spectral(torch.nn.Conv2d(6, 5, 3))
-    lin = spade_core.norms.spectral(torch.nn.Linear(7, 4))
+    conv = spade_core.spectral.spectral(torch.nn.Conv2d(6, 5, 3))
+    lin = spade_core.spectral.spectral(torch.nn.Linear(7, 4))
     for layer in (conv, lin):
         layer.eval()
         plain = layer.weight.detach().clone()

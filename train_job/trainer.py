@@ -31,8 +31,9 @@ import spade_core
 from spade_core import seeds
 from spade_core.locations import is_remote, local_path
 from spade_core.losses import build_vgg_loss
-from spade_core.norms import convert_sync_batchnorm, set_fast_training
+from spade_core.norms import set_fast_training
 from spade_core.precision import autocast_dtype
+from spade_core.syncbn import convert_sync_batchnorm
 
 from .callbacks import Callback
 from .checkpointing import BestCheckpoint, TrainState, read_training_checkpoint, unrecorded_checkpoint, write_training_checkpoint
