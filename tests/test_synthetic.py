@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -110,16 +109,6 @@ def test_each_class_has_a_consistent_colour_and_texture_signature() -> None:
     assert signature[syn.GRASS][3] > 3 * signature[syn.GRASS][4]
     assert signature[syn.WATER][4] > 3 * signature[syn.WATER][3]
     assert signature[syn.SKY][3] < 3 and signature[syn.SKY][4] < 3
-
-
-def test_generator_is_fast() -> None:
-    for size, budget in ((64, 0.02), (256, 0.1)):
-        rngs = [np.random.default_rng([1, i]) for i in range(8)]
-        t0 = time.perf_counter()
-        for rng in rngs:
-            syn.generate_scene(rng, size)
-        per_scene = (time.perf_counter() - t0) / len(rngs)
-        assert per_scene < budget, (size, per_scene)  # measured ~1.3 ms and ~18 ms
 
 
 # ---------------------------------------------------------------------------------------
