@@ -36,21 +36,11 @@ def build_app(args: dict[str, Any] | ServeConfig) -> Application:
     use_vae = any(read_config(resolve_checkpoint(m.checkpoint, m.select)).use_vae for m in config.model_entries())
     # The checkpoint is not among the replicas' init args but in their user_config, so a
     # change of it alone reconfigures running replicas instead of replacing them.
-    replica_options = {
-        "device": config.device,
-        "precision": config.precision,
-        "compile": config.compile,
-        "batching": {"max_batch_size": config.batching.max_batch_size, "batch_wait_timeout_s": config.batching.batch_wait_timeout_s},
-        "max_models": config.max_models_per_replica,
-    }
     user_config = config.user_config()
-
-    def options(section: Any) -> dict[str, Any]:
-        health = {"health_check_period_s": section.health_check_period_s, "health_check_timeout_s": section.health_check_timeout_s}
-        return {**replica_options, **health}
-
-    generator = SpadeGenerator.options(**config.generator.ray_options(), user_config=user_config).bind(options(config.generator))
+    generator = SpadeGenerator.options(**config.generator.ray_options(), user_config=user_config).bind(
+        config.replica_settings(config.generator))
     encoder = None
     if use_vae:
-        encoder = StyleEncoder.options(**config.encoder.ray_options(), user_config=user_config).bind(options(config.encoder))
+        encoder = StyleEncoder.options(**config.encoder.ray_options(), user_config=user_config).bind(
+            config.replica_settings(config.encoder))
     return SpadeIngress.options(**config.ingress.ray_options()).bind(generator, encoder, config.api_settings())

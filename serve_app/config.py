@@ -187,9 +187,21 @@ class ApiSettings:
     def __post_init__(self) -> None:
         check_fields(self, "")
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ApiSettings:
-        return build(cls, data, "")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReplicaSettings:
+    """What a model replica (SpadeGenerator, StyleEncoder) is built with: bound to its
+    deployment as this typed object (:meth:`ServeConfig.replica_settings`). The checkpoint is
+    not here but in the deployments' user_config, so a new one reconfigures running replicas."""
+
+    device: Device
+    precision: Precision
+    compile: bool
+    batching: BatchingConfig
+    max_models: int
+    health_check_period_s: float
+    health_check_timeout_s: float
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -267,10 +279,16 @@ class ServeConfig:
             return {"checkpoint": self.checkpoint, "select": self.select}
         return {"models": [m.user_config() for m in self.models]}
 
-    def api_settings(self) -> dict[str, Any]:
+    def api_settings(self) -> ApiSettings:
         """What the HTTP ingress needs (no checkpoint: a new one must not restart it)."""
-        return {"limits": dataclasses.asdict(self.limits), "auth_token_env": self.auth_token_env,
-                "default_format": self.default_format, "jpeg_quality": self.jpeg_quality}
+        return ApiSettings(limits=self.limits, auth_token_env=self.auth_token_env,
+                           default_format=self.default_format, jpeg_quality=self.jpeg_quality)
+
+    def replica_settings(self, deployment: DeploymentConfig) -> ReplicaSettings:
+        """What a model deployment's replicas are built with (``deployment``: generator or encoder)."""
+        return ReplicaSettings(device=self.device, precision=self.precision, compile=self.compile, batching=self.batching,
+                               max_models=self.max_models_per_replica, health_check_period_s=deployment.health_check_period_s,
+                               health_check_timeout_s=deployment.health_check_timeout_s)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ServeConfig:

@@ -14,6 +14,7 @@ replica has been idle and fail when a batch has been stuck past the timeout.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import os
@@ -34,7 +35,7 @@ from spade_core.preprocess import to_uint8, to_unit_range
 from spade_core.runs import Select
 
 from .checkpoints import load_model
-from .config import DEFAULT_MODEL  # the model of a single-checkpoint user_config
+from .config import DEFAULT_MODEL, ReplicaSettings  # DEFAULT_MODEL: the model of a single-checkpoint user_config
 from .images import resize_rgb
 from .metrics import series
 
@@ -94,9 +95,9 @@ class _ModelReplica:
 
     deployment = ""
 
-    def __init__(self, options: dict[str, Any]) -> None:
-        self.options = options
-        self.device = pick_device(options["device"])
+    def __init__(self, settings: ReplicaSettings) -> None:
+        self.settings = settings
+        self.device = pick_device(settings.device)
         self.table: dict[str, Location] = {}  # the models served, the default first
         self.load_errors: dict[str, str] = {}  # the last rollout's failures, by model (an older one serves on)
         self._ready: dict[str, Loaded] = {}  # loaded by reconfigure, handed to the first request
@@ -106,12 +107,12 @@ class _ModelReplica:
         self._last_ok = 0.0
         self.metrics = series()
         self.metrics["replicas"].set(1, tags={"deployment": self.deployment})
-        self._set_batching(options["batching"])
+        self._set_batching(dataclasses.asdict(settings.batching))
 
         async def load(model_id: str) -> Loaded:  # a plain function: Serve keeps its cache on it
             return await self._load_id(model_id)
 
-        self.get_model = serve.multiplexed(max_num_models_per_replica=int(options.get("max_models", 2)))(load)
+        self.get_model = serve.multiplexed(max_num_models_per_replica=settings.max_models)(load)
 
     # --- configuration ------------------------------------------------------------------
 
@@ -229,10 +230,10 @@ class _ModelReplica:
         if not self.table:
             raise RuntimeError("no model loaded")
         self.metrics["replicas"].set(1, tags={"deployment": self.deployment})  # refreshed: gauges set once can go stale
-        timeout = float(self.options["health_check_timeout_s"])
+        timeout = self.settings.health_check_timeout_s
         if self._busy_since is not None and time.monotonic() - self._busy_since > timeout:
             raise RuntimeError(f"a batch has been running for more than {timeout:g} s")
-        if time.monotonic() - self._last_ok > float(self.options["health_check_period_s"]):
+        if time.monotonic() - self._last_ok > self.settings.health_check_period_s:
             # Idle: prove the model used last still runs (not the default: loading it would evict
             # the model in use when the replica holds one model at a time).
             loaded = self._probed
@@ -261,13 +262,13 @@ class SpadeGenerator(_ModelReplica):
     deployment = "SpadeGenerator"
 
     def prepare(self, model: spade_core.SpadeModel) -> None:
-        model.enable_fast_path(dtype=dtype_of(self.options["precision"]), compile=bool(self.options["compile"]))
+        model.enable_fast_path(dtype=dtype_of(self.settings.precision), compile=self.settings.compile)
 
     async def info(self) -> dict[str, Any]:
         """What the ingress needs to check requests: the model config and checkpoint identity."""
         loaded = await self.current()
         return {"config": loaded.model.config.to_dict(), "identity": loaded.identity, "name": loaded.name, "device": self.device,
-                "precision": self.options["precision"], "pid": os.getpid(), "load_error": self.load_errors.get(loaded.name)}
+                "precision": self.settings.precision, "pid": os.getpid(), "load_error": self.load_errors.get(loaded.name)}
 
     async def synthesize(
         self,

@@ -41,7 +41,6 @@ from spade_core.model import NO_STYLE_INPUT
 from spade_core.semantics import classes_for
 
 from .config import ApiSettings
-from . import runtime
 from .deployments import InputError
 from .images import (
     MEDIA_TYPES,
@@ -144,7 +143,7 @@ class BodyLimit:
         self.inner = inner
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        settings = runtime.settings
+        settings = _settings_of(scope.get("app"))
         if scope["type"] != "http" or settings is None:
             return await self.inner(scope, receive, send)
         limit = settings.limits.max_body_bytes
@@ -183,6 +182,12 @@ class BodyLimit:
 app.add_middleware(BodyLimit)
 
 
+def _settings_of(served: Any) -> ApiSettings | None:
+    """The ingress settings the replica put on the app it serves (Starlette hands every
+    middleware that app as ``scope["app"]``); None before the replica has started."""
+    return getattr(getattr(served, "state", None), "settings", None)
+
+
 def _openapi() -> dict[str, Any]:
     """FastAPI's schema, plus what multipart forms mean that it cannot say itself: a required
     upload is never empty (FastAPI treats an empty form value as a missing one: 422), and an
@@ -214,7 +219,7 @@ async def _auth_media_type_metrics(request: Request, call_next: Any) -> Response
     started = time.monotonic()
     path = _app_path(request.scope)
     route = path if path in _ROUTES else "other"
-    settings = runtime.settings
+    settings = _settings_of(request.app)
     try:
         if settings is not None:
             _check_auth(request, settings)
@@ -304,14 +309,12 @@ def _vector(value: Any, name: str) -> np.ndarray:
 
 # Everything the ingress class uses is defined above it: Serve serializes the class when
 # it is decorated, and names defined later in this module are missing in the replica.
-@serve.deployment(name="SpadeIngress")
 @serve.ingress(app)
-class SpadeIngress:
-    def __init__(self, generator: DeploymentHandle, encoder: DeploymentHandle | None, settings: dict[str, Any]) -> None:
+class _Routes:
+    def __init__(self, generator: DeploymentHandle, encoder: DeploymentHandle | None, settings: ApiSettings) -> None:
         self.generator = generator
         self.encoder = encoder
-        self.settings = ApiSettings.from_dict(settings)
-        runtime.settings = self.settings
+        self.settings = settings
         self._table: tuple[float, dict[str, Any]] | None = None  # (when, the generator's models())
         self._info: dict[str, tuple[float, dict[str, Any]]] = {}  # model id -> (when, info)
         self._info_lock = asyncio.Lock()
@@ -510,3 +513,14 @@ class SpadeIngress:
         if style_code is not None:
             return _parse_style_code(style_code)
         return None, None
+
+
+@serve.deployment(name="SpadeIngress")
+class SpadeIngress(_Routes):
+    """The HTTP ingress. Its settings are held by the app it serves (``app.state.settings``),
+    where the middleware reads them: Serve hands the replica its own copy of the FastAPI app
+    (``self.app``), so neither a module global nor the module's ``app`` would be that one."""
+
+    async def __init__(self, generator: DeploymentHandle, encoder: DeploymentHandle | None, settings: ApiSettings) -> None:
+        await super().__init__(generator, encoder, settings)
+        self.app.state.settings = self.settings

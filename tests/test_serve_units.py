@@ -206,9 +206,11 @@ def test_replica_health_check_probes_an_idle_model_and_fails_a_stuck_batch(tmp_p
     from serve_app.deployments import SpadeGenerator
 
     spade_core.save_checkpoint(spade_core.build_model(TINY, discriminator=False, seed=0), tmp_path / "ckpt")
-    options = {"device": "cpu", "precision": "fp32", "compile": False, "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.0},
-               "health_check_period_s": 0.01, "health_check_timeout_s": 0.5}
-    replica = SpadeGenerator.func_or_class(options)
+    from serve_app.config import BatchingConfig, ReplicaSettings
+
+    settings = ReplicaSettings(device="cpu", precision="fp32", compile=False, batching=BatchingConfig(max_batch_size=4, batch_wait_timeout_s=0.0),
+                               max_models=2, health_check_period_s=0.01, health_check_timeout_s=0.5)
+    replica = SpadeGenerator.func_or_class(settings)
 
     async def scenario() -> None:
         with pytest.raises(RuntimeError, match="no model loaded"):
