@@ -44,7 +44,7 @@ def timed(fn, *, min_iters: int, min_seconds: float) -> float:
     return best
 
 
-def generator_flops(model: spade_core.SpadeModel, seg: torch.Tensor) -> float:
+def generator_flops(model: spade_core.SpadeModel, semantics: torch.Tensor) -> float:
     """FLOPs (2 x MACs) of every conv and linear layer of the plain generator for one image."""
     flops = 0.0
 
@@ -56,7 +56,7 @@ def generator_flops(model: spade_core.SpadeModel, seg: torch.Tensor) -> float:
 
     handles = [m.register_forward_hook(hook) for m in model.generator.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     with torch.inference_mode():
-        model.generator(seg[:1])
+        model.generator(semantics[:1])
     for h in handles:
         h.remove()
     return flops
@@ -106,11 +106,11 @@ def main() -> None:
     for batch in args.batch_sizes:
         labels = sample_labels(batch, 256)
         channels = label_channels(labels, config.labels)
-        seg = one_hot(channels, config.labels.num_label_channels)
-        flops = generator_flops(model, seg)
+        semantics = one_hot(channels, config.labels.num_label_channels)
+        flops = generator_flops(model, semantics)
         with torch.inference_mode():
-            reference = model.generator(seg)
-            plain_s = timed(lambda: model.generator(seg), min_iters=2, min_seconds=args.min_seconds)
+            reference = model.generator(semantics)
+            plain_s = timed(lambda: model.generator(semantics), min_iters=2, min_seconds=args.min_seconds)
         results[("plain fp32", batch)] = batch / plain_s
         print(f"\nbatch {batch}: {flops / 1e9:.1f} GFLOP per image (reference computation)")
         print(f"  {'plain fp32':20s} {batch / plain_s:7.2f} img/s  {flops * batch / plain_s / 1e9:6.0f} GFLOP/s   1.00x")

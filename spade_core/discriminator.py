@@ -29,14 +29,14 @@ class NLayerDiscriminator(nn.Module):
         for i, layer in enumerate(layers):
             self.add_module(f"model{i}", layer)
 
-    def forward(self, x: torch.Tensor, labels: LabelMap | None = None, *, pool_levels: int = 0) -> list[torch.Tensor]:
-        """``x``: the dense input; or, with ``labels``, only the image channels (k * B images, the
+    def forward(self, x: torch.Tensor, semantics: LabelMap | None = None, *, pool_levels: int = 0) -> list[torch.Tensor]:
+        """``x``: the dense input; or, with ``semantics``, only the image channels (k * B images, the
         B label maps repeated k times), the label channels' part of the first conv then being
-        a gather of ``labels`` average-pooled ``pool_levels`` times (see :class:`MultiscaleDiscriminator`)."""
+        a gather of ``semantics`` average-pooled ``pool_levels`` times (see :class:`MultiscaleDiscriminator`)."""
         features = []
         layers = list(self.children())
-        if labels is not None:
-            x = self._first_layer(layers[0], x, labels, pool_levels)
+        if semantics is not None:
+            x = self._first_layer(layers[0], x, semantics, pool_levels)
             features.append(x)
             layers = layers[1:]
         for layer in layers:
@@ -45,23 +45,23 @@ class NLayerDiscriminator(nn.Module):
         return features
 
     @staticmethod
-    def _first_layer(layer: nn.Sequential, images: torch.Tensor, labels: LabelMap, pool_levels: int) -> torch.Tensor:
+    def _first_layer(layer: nn.Sequential, images: torch.Tensor, semantics: LabelMap, pool_levels: int) -> torch.Tensor:
         conv, act = layer[0], layer[1]
-        c_lab = labels.semantic_nc
+        c_lab = semantics.semantic_nc
         if conv.weight.shape[1] != c_lab + images.shape[1]:
             raise ValueError(
                 f"the discriminator takes {conv.weight.shape[1]} input channels; got {c_lab} label + {images.shape[1]} image channels"
             )
-        reps, rem = divmod(images.shape[0], labels.batch_size)
+        reps, rem = divmod(images.shape[0], semantics.batch_size)
         if rem or reps == 0:
-            raise ValueError(f"{images.shape[0]} images do not repeat {labels.batch_size} label maps a whole number of times")
+            raise ValueError(f"{images.shape[0]} images do not repeat {semantics.batch_size} label maps a whole number of times")
         image_part = F.conv2d(images, conv.weight[:, c_lab:], conv.bias, conv.stride, conv.padding)
-        label_part = labels.conv(
+        label_part = semantics.conv(
             conv.weight[:, :c_lab], None, stride=conv.stride[0], padding=conv.padding[0], pool_levels=pool_levels
         )
         if image_part.shape[1:] != label_part.shape[1:]:
-            raise ValueError(f"label map {labels.size} and images {tuple(images.shape[-2:])} differ in size")
-        both = image_part.unflatten(0, (reps, labels.batch_size)) + label_part.to(image_part.dtype)
+            raise ValueError(f"label map {semantics.size} and images {tuple(images.shape[-2:])} differ in size")
+        both = image_part.unflatten(0, (reps, semantics.batch_size)) + label_part.to(image_part.dtype)
         return act(both.flatten(0, 1))
 
 
@@ -79,10 +79,10 @@ class MultiscaleDiscriminator(nn.Module):
         for i in range(config.num_D):
             self.add_module(f"discriminator_{i}", NLayerDiscriminator(config, input_nc=semantic_nc + config.image_nc))
 
-    def forward(self, x: torch.Tensor, labels: LabelMap | None = None) -> list[list[torch.Tensor]]:
+    def forward(self, x: torch.Tensor, semantics: LabelMap | None = None) -> list[list[torch.Tensor]]:
         """``x``: the dense one-hot label map concatenated with the images (the reference's input).
 
-        Or the fast path: ``x`` only the images, (k * B, image_nc, H, W), and ``labels`` a
+        Or the fast path: ``x`` only the images, (k * B, image_nc, H, W), and ``semantics`` a
         :class:`~spade_core.labelmap.LabelMap` of B maps that stand for the label channels of
         every B images in turn (e.g. fakes then reals, k = 2). Each scale's first conv then
         computes its label part as a gather, once per label map; same function and gradients.
@@ -91,5 +91,5 @@ class MultiscaleDiscriminator(nn.Module):
         for i, disc in enumerate(self.children()):
             if i > 0:
                 x = F.avg_pool2d(x, kernel_size=3, stride=2, padding=1, count_include_pad=False)
-            results.append(disc(x) if labels is None else disc(x, labels, pool_levels=i))
+            results.append(disc(x) if semantics is None else disc(x, semantics, pool_levels=i))
         return results

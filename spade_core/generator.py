@@ -49,26 +49,26 @@ class SPADEGenerator(nn.Module):
             final_nc = nf // 2
         self.conv_img = nn.Conv2d(final_nc, 3, 3, padding=1)
 
-    def forward(self, seg: torch.Tensor | LabelMap, z: torch.Tensor | None = None) -> torch.Tensor:
-        """``seg``: (B, semantic_nc, H, W) float one-hot (+ edges), or the equivalent
+    def forward(self, semantics: torch.Tensor | LabelMap, z: torch.Tensor | None = None) -> torch.Tensor:
+        """``semantics``: (B, semantic_nc, H, W) float one-hot (+ edges), or the equivalent
         :class:`~spade_core.labelmap.LabelMap` (the fast path: label convs as gathers, fused
         SPADE modulation; same function and gradients); ``z``: (B, z_dim) for VAE models."""
         if self.config.z_dim is not None:
             if z is None:
                 raise ValueError("this generator takes a style code: pass z of shape (B, z_dim)")
             x = self.fc(z).view(-1, 16 * self.config.ngf, self.sh, self.sw)
-            if isinstance(seg, LabelMap):
+            if isinstance(semantics, LabelMap):
                 x = x.contiguous(memory_format=torch.channels_last)
-        elif isinstance(seg, LabelMap):
-            if seg.semantic_nc != self.semantic_nc:
-                raise ValueError(f"the label map has {seg.semantic_nc} channels, the generator takes {self.semantic_nc}")
-            x = seg.conv(self.fc.weight, self.fc.bias, size=(self.sh, self.sw))
+        elif isinstance(semantics, LabelMap):
+            if semantics.semantic_nc != self.semantic_nc:
+                raise ValueError(f"the label map has {semantics.semantic_nc} channels, the generator takes {self.semantic_nc}")
+            x = semantics.conv(self.fc.weight, self.fc.bias, size=(self.sh, self.sw))
         else:
-            x = self.fc(F.interpolate(seg, size=(self.sh, self.sw), mode="nearest"))
+            x = self.fc(F.interpolate(semantics, size=(self.sh, self.sw), mode="nearest"))
         for name, upsample_first in self.schedule():
             if upsample_first:
                 x = upsample(x)
-            x = getattr(self, name)(x, seg)
+            x = getattr(self, name)(x, semantics)
         return torch.tanh(self.conv_img(leaky(x)))
 
     def schedule(self) -> list[tuple[str, bool]]:

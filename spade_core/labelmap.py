@@ -90,11 +90,11 @@ class LabelMap:
         """The equivalent dense (B, semantic_nc, H, W) one-hot (+ edge channel) tensor (cached)."""
         if dtype not in self._dense:
             b, h, w = self.channels.shape
-            seg = torch.zeros(b, self.semantic_nc, h, w, dtype=dtype, device=self.device)
-            seg.scatter_(1, self.channels.unsqueeze(1), 1.0)
+            semantics = torch.zeros(b, self.semantic_nc, h, w, dtype=dtype, device=self.device)
+            semantics.scatter_(1, self.channels.unsqueeze(1), 1.0)
             if self.edges is not None:
-                seg[:, -1] = self.edges.to(dtype)
-            self._dense[dtype] = seg
+                semantics[:, -1] = self.edges.to(dtype)
+            self._dense[dtype] = semantics
         return self._dense[dtype]
 
     # --- convolutions -----------------------------------------------------------------

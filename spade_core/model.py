@@ -185,11 +185,11 @@ class SpadeModel(nn.Module):
 
         if self._fast is not None:
             return self._fast(channels, z=z, edges=edges)
-        seg = one_hot(channels, self.config.labels.num_label_channels)
+        semantics = one_hot(channels, self.config.labels.num_label_channels)
         if edges is not None:
-            seg = torch.cat([seg, edges.unsqueeze(1).float()], dim=1)
+            semantics = torch.cat([semantics, edges.unsqueeze(1).float()], dim=1)
         with _eval_mode(self.generator):
-            return self.generator(seg, z=z)
+            return self.generator(semantics, z=z)
 
 
 def build_model(config: ModelConfig, *, discriminator: bool = True, seed: int | None = None) -> SpadeModel:

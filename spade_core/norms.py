@@ -23,12 +23,12 @@ def param_free_norm(kind: str, num_features: int) -> nn.Module:
 
 
 class SPADE(nn.Module):
-    """Spatially-adaptive normalisation: ``norm(x) * (1 + gamma(seg)) + beta(seg)``.
+    """Spatially-adaptive normalisation: ``norm(x) * (1 + gamma(semantics)) + beta(semantics)``.
 
     ``gamma`` and ``beta`` come from a shared conv on the label map resized (nearest)
     to the feature size. Module names follow the reference so its weights load as-is.
 
-    ``segmap`` is the dense one-hot tensor (the reference's computation) or a
+    ``semantics`` is the dense one-hot tensor (the reference's computation) or a
     :class:`~spade_core.labelmap.LabelMap`, whose shared conv runs as a gather (same
     function and gradients, far less work). ``fuse_modulation`` computes gamma and beta
     with one conv of the concatenated weights (the ``1 +`` folded into gamma's bias);
@@ -45,16 +45,16 @@ class SPADE(nn.Module):
         self.mlp_beta = nn.Conv2d(config.hidden, norm_nc, ks, padding=pw)
         self.fuse_modulation: bool | None = None
 
-    def forward(self, x: torch.Tensor, segmap: torch.Tensor | LabelMap) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, semantics: torch.Tensor | LabelMap) -> torch.Tensor:
         normalized = self.param_free_norm(x)
-        if isinstance(segmap, LabelMap):
+        if isinstance(semantics, LabelMap):
             shared = self.mlp_shared[0]
-            actv = segmap.conv(shared.weight, shared.bias, size=tuple(x.shape[-2:]), relu=True)
+            actv = semantics.conv(shared.weight, shared.bias, size=tuple(x.shape[-2:]), relu=True)
             fuse = self.fuse_modulation is not False
         else:
-            if segmap.shape[-2:] != x.shape[-2:]:
-                segmap = F.interpolate(segmap, size=x.shape[-2:], mode="nearest")
-            actv = self.mlp_shared(segmap)
+            if semantics.shape[-2:] != x.shape[-2:]:
+                semantics = F.interpolate(semantics, size=x.shape[-2:], mode="nearest")
+            actv = self.mlp_shared(semantics)
             fuse = bool(self.fuse_modulation)
         if not fuse:
             return normalized * (1 + self.mlp_gamma(actv)) + self.mlp_beta(actv)

@@ -70,11 +70,11 @@ def semantic_input(
 ) -> torch.Tensor:
     """Raw label ids (+ instance map) -> the (B, semantic_nc, H, W) tensor the networks take."""
     channels = label_channels(labels, config)
-    seg = one_hot(channels, config.num_label_channels, dtype)
+    semantics = one_hot(channels, config.num_label_channels, dtype)
     edges = _checked_edges(instance, labels, config)
     if edges is not None:
-        seg = torch.cat([seg, edges.unsqueeze(1).to(dtype)], dim=1)
-    return seg
+        semantics = torch.cat([semantics, edges.unsqueeze(1).to(dtype)], dim=1)
+    return semantics
 
 
 def _checked_edges(instance: torch.Tensor | None, labels: torch.Tensor, config: LabelConfig) -> torch.Tensor | None:

@@ -39,11 +39,11 @@ def randomize_weights(model: SpadeModel, *, seed: int = 0, warmup_batches: int =
     for _ in range(warmup_batches):
         labels = torch.randint(0, cfg.labels.num_label_channels, (batch_size, h // 8, w // 8), generator=gen)
         labels = labels.repeat_interleave(8, 1).repeat_interleave(8, 2)  # blocky, like real label maps
-        seg = one_hot(labels, cfg.labels.num_label_channels)
+        semantics = one_hot(labels, cfg.labels.num_label_channels)
         if cfg.labels.instance_edges:
-            seg = torch.cat([seg, torch.zeros_like(seg[:, :1])], dim=1)
+            semantics = torch.cat([semantics, torch.zeros_like(semantics[:, :1])], dim=1)
         z = torch.randn(batch_size, cfg.generator.z_dim, generator=gen) if cfg.generator.z_dim else None
-        model.generator(seg, z=z)
+        model.generator(semantics, z=z)
         if model.encoder is not None:
             model.encoder(torch.rand(batch_size, 3, h, w, generator=gen) * 2 - 1)
     model.train(was_training)

@@ -208,7 +208,7 @@ def test_discriminator_forward_and_gradients_match(name: str, channels_last: boo
     x_plain = images.clone().requires_grad_()
     x_fast = images.clone().requires_grad_()
     out_plain = plain.discriminator(torch.cat([dense.repeat(2, 1, 1, 1), x_plain], dim=1))
-    out_fast = fast.discriminator(x_fast, labels=semantics_of(b, config.labels, as_label_map=True))
+    out_fast = fast.discriminator(x_fast, semantics=semantics_of(b, config.labels, as_label_map=True))
     flat_plain = [f for scale in out_plain for f in scale]
     flat_fast = [f for scale in out_fast for f in scale]
     ups = [torch.randn(f.shape, generator=g, dtype=dtype) for f in flat_plain]

@@ -73,9 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--split", default="val", help="split to evaluate (default val)")
     run.add_argument("--out", required=True, metavar="DIR", help="eval.json, index.html and images/ (replaced)")
     _inception_args(run)
-    seg = run.add_mutually_exclusive_group()
-    seg.add_argument("--segmenter", metavar="PATH", help="TorchScript or torch.export (.pt2) segmenter: RGB [0, 1] in, logits out")
-    seg.add_argument("--oracle", action="store_true", help="the synthetic scenes' oracle segmenter (train_job.synthetic)")
+    segmenter_group = run.add_mutually_exclusive_group()
+    segmenter_group.add_argument("--segmenter", metavar="PATH", help="TorchScript or torch.export (.pt2) segmenter: RGB [0, 1] in, logits out")
+    segmenter_group.add_argument("--oracle", action="store_true", help="the synthetic scenes' oracle segmenter (train_job.synthetic)")
     run.add_argument("--segmenter-offset", type=int, default=None,
                      help="dataset id = output channel + offset (default 1 for ADE20K's 150 outputs, else 0)")
     run.add_argument("--num-images", type=int, default=None, help="the split's first N pairs (default: all)")

@@ -699,14 +699,14 @@ def results_page(record: dict[str, Any], keys: Sequence[str], files: dict[str, s
         )
     ckpt = record["checkpoint"]
     inc = record["inception"]
-    seg = record["segmenter"]
+    used = record["segmenter"]
     inception_text = "none"
     if inc:
         foreign = "" if inc["official"] else ", NOT pytorch-fid&#39;s weights"
         inception_text = f"{e(inc['path'])} (sha256 {inc['sha256'][:12]}{foreign}), {inc['dims']} dims"
     segmenter_text = "none"
-    if seg:
-        segmenter_text = e(seg["kind"]) + (f" {e(seg['path'])} (sha256 {seg['sha256'][:12]})" if seg.get("path") else "")
+    if used:
+        segmenter_text = e(used["kind"]) + (f" {e(used['path'])} (sha256 {used['sha256'][:12]})" if used.get("path") else "")
     facts = [
         f"checkpoint {e(ckpt['path'])} (sha256 {ckpt['sha256'][:12]})",
         f"{record['num_images']} images of the {e(record['data']['split'])} split of {e(str(record['data']['shards']))}, "

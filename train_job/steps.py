@@ -55,7 +55,7 @@ def discriminate(
     """Fake and real through the discriminator in one batch (as the reference: batch-norm
     discriminators see both halves together), split back per scale and layer."""
     if isinstance(semantics, LabelMap):  # the label channels' conv as a gather, once for both halves
-        outputs = discriminator(torch.cat([fake, real], dim=0), labels=semantics)
+        outputs = discriminator(torch.cat([fake, real], dim=0), semantics=semantics)
     else:
         both = torch.cat([torch.cat([semantics, fake], dim=1), torch.cat([semantics, real], dim=1)], dim=0)
         outputs = discriminator(both)
