@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import drills_train  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 
 def test_a_killed_driver_reruns_from_the_newest_whole_checkpoint_with_the_exact_step(tmp_path: Path) -> None:

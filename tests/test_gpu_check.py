@@ -64,6 +64,7 @@ def test_refuses_to_run_without_a_gpu_unless_told_to_smoke() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_cpu_smoke_runs_every_stage_and_writes_the_results(tmp_path: Path) -> None:
     out = tmp_path / "gpu_check.json"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

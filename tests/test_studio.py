@@ -24,7 +24,7 @@ import drills  # noqa: E402
 
 from .conftest import REPO  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 SHOTS = REPO / "out" / "studio"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
