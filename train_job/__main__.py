@@ -11,8 +11,8 @@ import argparse
 import os
 import sys
 from dataclasses import replace
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from .callbacks import Callback
@@ -22,9 +22,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
 
-def build_trainer(cfg: TrainConfig, *, callbacks: Sequence[Callback] = ()) -> Any:
+def build_trainer(cfg: TrainConfig, *, callbacks: Sequence[Callback] = (), console: bool = False) -> Any:
     """The TorchTrainer for ``cfg`` (Ray must be initialised); ``callbacks`` (``train_job.callbacks``)
-    run on every worker."""
+    run on every worker; ``console``: rank 0 copies its output to the run's console.log
+    (``train_job.console``)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -49,7 +50,8 @@ def build_trainer(cfg: TrainConfig, *, callbacks: Sequence[Callback] = ()) -> An
 
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": cfg.to_dict(), "num_examples": shards.count, "callbacks": list(callbacks)},
+        train_loop_config={"train": cfg.to_dict(), "num_examples": shards.count, "callbacks": list(callbacks),
+                           "console": console},
         scaling_config=ray.train.ScalingConfig(**cfg.scaling.ray_kwargs()),
         datasets={"train": dataset},
         run_config=ray.train.RunConfig(
@@ -68,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a config value, e.g. --set optim.lr=1e-4 (repeatable)")
     parser.add_argument("--resume", help="start from this training checkpoint directory")
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    # bench/dashboard_cost.py: an idle local Ray uses 3.8 CPU s/min on 2 cores, 5.0 with its
+    # dashboard (+1% of the machine); opt-in until a run under load is measured too
     parser.add_argument("--dashboard", action="store_true", help="start the Ray dashboard with a local Ray (:8265)")
     args = parser.parse_args(argv)
     try:
@@ -80,18 +84,41 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
+    from spade_core.locations import is_remote
+
+    from .console import follow
+    from .trainer import run_dir
+
     address = args.address or os.environ.get("RAY_ADDRESS")
-    if not ray.is_initialized():
+    # A local Ray and a run folder the driver can read: show the run (its messages and a
+    # progress bar) and keep Ray's own output in files. Else Ray's output, as Ray prints it.
+    quiet = not address and not is_remote(cfg.storage.path) and not ray.is_initialized()
+    folder = run_dir(cfg)
+    if quiet:
+        driver_log = _ray_logs_to(folder / "ray-driver.log")
+        context = ray.init(address="local", include_dashboard=args.dashboard, log_to_driver=False, configure_logging=False)
+        _ray_logs_to(folder / "ray-driver.log")
+        print(f"spade-train: run {folder}")
+        print(f"  Ray's logs: {driver_log} and {os.path.join(context.address_info['session_dir'], 'logs')}")
+        if args.dashboard and context.dashboard_url:
+            print(f"  Ray dashboard: http://{context.dashboard_url}")
+    elif not ray.is_initialized():
         if address:
             ray.init(address=address, log_to_driver=True)
-        else:  # a new local Ray; its dashboard costs a core's worth of time on small machines: opt in
-            ray.init(address="local", include_dashboard=args.dashboard, log_to_driver=True)
+        else:
+            ray.init(address="local", include_dashboard=args.dashboard)
     try:
-        trainer = build_trainer(cfg)
+        trainer = build_trainer(cfg, console=quiet)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    result = trainer.fit()
+    if quiet:
+        _ray_logs_to(folder / "ray-driver.log")  # again: importing Ray Data gave it a console handler
+        with follow(folder, total=_total_steps(cfg), every=cfg.logging.every_steps) as shown:
+            result = trainer.fit()
+            shown.reached((result.metrics or {}).get("step"))
+    else:
+        result = trainer.fit()
     if result.error is not None:
         print(f"training failed: {result.error}", file=sys.stderr)
         return 1
@@ -99,6 +126,40 @@ def main(argv: list[str] | None = None) -> int:
     print(f"run directory: {os.path.join(cfg.storage.path, cfg.storage.name)}")
     print(f"latest checkpoint (serve_app loads this): {latest}")
     return 0
+
+
+def _ray_logs_to(path: Path) -> Path:
+    """Every library logger of the driver (Ray, Ray Data, Ray Train, Python warnings) into
+    ``path`` only: console handlers removed, records passed to the root logger's file handler.
+    Called again after imports that install handlers of their own (Ray Data does on import)."""
+    import logging
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    if not any(getattr(h, "baseFilename", None) == str(path.resolve()) for h in root.handlers):
+        handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+    logging.captureWarnings(True)
+    for name, logger in list(logging.Logger.manager.loggerDict.items()):
+        if isinstance(logger, logging.Logger) and (name == "ray" or name.startswith("ray.") or name == "py.warnings"):
+            for h in list(logger.handlers):
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                    logger.removeHandler(h)
+            logger.propagate = True
+    return path
+
+
+def _total_steps(cfg: TrainConfig) -> int:
+    """The steps this run will take in all (max_steps, else whole epochs of whole batches)."""
+    from .shards import open_shards
+    from .trainer import steps_per_epoch
+
+    per_epoch = steps_per_epoch(open_shards(cfg.data.shards, cfg.data.split).count, workers=cfg.scaling.num_workers,
+                                worker_batch=cfg.worker_batch_size)
+    every = per_epoch * cfg.optim.total_epochs
+    return min(every, cfg.optim.max_steps) if cfg.optim.max_steps is not None else every
 
 
 if __name__ == "__main__":

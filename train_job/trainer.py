@@ -38,6 +38,7 @@ from spade_core.syncbn import convert_sync_batchnorm
 from .callbacks import Callback
 from .checkpointing import BestCheckpoint, TrainState, read_training_checkpoint, unrecorded_checkpoint, write_training_checkpoint
 from .config import CheckpointConfig, TrainConfig
+from .console import tee_to
 from .metrics import MetricsLog, Throughput, sample_grid, save_grid, start_prometheus
 from .pipeline import iter_training_batches
 from .steps import Networks, discriminator_losses, generator_losses, semantics_of
@@ -52,6 +53,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = TrainConfig.from_dict(loop_config["train"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if rank == 0 and loop_config.get("console"):
+        tee_to(run_dir(cfg))  # the driver shows these lines (train_job.console), not Ray's own
     trainer = Trainer(cfg, device=ray.train.torch.get_device(), rank=rank, world=world,
                       distributed=world > 1 and torch.distributed.is_initialized(), callbacks=loop_config.get("callbacks", ()))
     trainer.resume(ray.train.get_checkpoint())
