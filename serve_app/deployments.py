@@ -287,9 +287,11 @@ class SpadeGenerator(_ModelReplica):
         VAE request without a seed gets a fresh one, returned so the draw can be repeated."""
         arrived = time.monotonic()
         loaded = await self.current()
-        drawn = loaded.model.config.generator.z_dim is not None and (mu is None or logvar is not None)
-        if drawn and seed is None:
+        vae = loaded.model.config.generator.z_dim is not None
+        if vae and mu is None and seed is None:
             seed = secrets.randbits(53)  # exact as a JSON number, like the API's own seeds
+        # z drawn from a seed: N(0, I), or around a style's mu (a style without a seed is its mu)
+        drawn = vae and seed is not None and (mu is None or logvar is not None)
         item = self._check(loaded, labels, instance, mu, logvar, seed, arrived)
         image, batch_size = await self.batched_or_cancelled(item)
         return {"image": image, "identity": loaded.identity, "batch_size": batch_size, "seed": seed if drawn else None}
