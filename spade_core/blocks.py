@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import SpadeConfig
-from .labelmap import LabelMap
+from .labelmap import Semantics
 from .norms import SPADE
 from .spectral import spectral
 
@@ -27,8 +27,8 @@ class SPADEResnetBlock(nn.Module):
             self.conv_s = spectral(nn.Conv2d(fin, fout, 1, bias=False), spectral_norm)
             self.norm_s = SPADE(norm_nc=fin, label_nc=label_nc, config=spade)
 
-    def forward(self, x: torch.Tensor, semantics: torch.Tensor | LabelMap) -> torch.Tensor:
-        """``semantics``: the dense one-hot label map or a :class:`~spade_core.labelmap.LabelMap`."""
+    def forward(self, x: torch.Tensor, semantics: torch.Tensor | Semantics) -> torch.Tensor:
+        """``semantics``: the dense one-hot label map, or either kind of :mod:`spade_core.labelmap` input."""
         x_s = self.conv_s(self.norm_s(x, semantics)) if self.learned_shortcut else x
         dx = self.conv_0(leaky(self.norm_0(x, semantics)))
         dx = self.conv_1(leaky(self.norm_1(dx, semantics)))

@@ -8,7 +8,7 @@ from torch import nn
 
 from .blocks import conv_norm
 from .config import DiscriminatorConfig
-from .labelmap import LabelMap
+from .labelmap import Semantics, as_semantics
 
 
 class NLayerDiscriminator(nn.Module):
@@ -29,7 +29,7 @@ class NLayerDiscriminator(nn.Module):
         for i, layer in enumerate(layers):
             self.add_module(f"model{i}", layer)
 
-    def forward(self, x: torch.Tensor, semantics: LabelMap | None = None, *, pool_levels: int = 0) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, semantics: Semantics | None = None, *, pool_levels: int = 0) -> list[torch.Tensor]:
         """``x``: the dense input; or, with ``semantics``, only the image channels (k * B images, the
         B label maps repeated k times), the label channels' part of the first conv then being
         a gather of ``semantics`` average-pooled ``pool_levels`` times (see :class:`MultiscaleDiscriminator`)."""
@@ -45,7 +45,7 @@ class NLayerDiscriminator(nn.Module):
         return features
 
     @staticmethod
-    def _first_layer(layer: nn.Sequential, images: torch.Tensor, semantics: LabelMap, pool_levels: int) -> torch.Tensor:
+    def _first_layer(layer: nn.Sequential, images: torch.Tensor, semantics: Semantics, pool_levels: int) -> torch.Tensor:
         conv, act = layer[0], layer[1]
         c_lab = semantics.semantic_nc
         if conv.weight.shape[1] != c_lab + images.shape[1]:
@@ -55,14 +55,7 @@ class NLayerDiscriminator(nn.Module):
         reps, rem = divmod(images.shape[0], semantics.batch_size)
         if rem or reps == 0:
             raise ValueError(f"{images.shape[0]} images do not repeat {semantics.batch_size} label maps a whole number of times")
-        image_part = F.conv2d(images, conv.weight[:, c_lab:], conv.bias, conv.stride, conv.padding)
-        label_part = semantics.conv(
-            conv.weight[:, :c_lab], None, stride=conv.stride[0], padding=conv.padding[0], pool_levels=pool_levels
-        )
-        if image_part.shape[1:] != label_part.shape[1:]:
-            raise ValueError(f"label map {semantics.size} and images {tuple(images.shape[-2:])} differ in size")
-        both = image_part.unflatten(0, (reps, semantics.batch_size)) + label_part.to(image_part.dtype)
-        return act(both.flatten(0, 1))
+        return act(semantics.conv_with_images(conv, images, pool_levels=pool_levels))
 
 
 class MultiscaleDiscriminator(nn.Module):
@@ -79,14 +72,16 @@ class MultiscaleDiscriminator(nn.Module):
         for i in range(config.num_D):
             self.add_module(f"discriminator_{i}", NLayerDiscriminator(config, input_nc=semantic_nc + config.image_nc))
 
-    def forward(self, x: torch.Tensor, semantics: LabelMap | None = None) -> list[list[torch.Tensor]]:
+    def forward(self, x: torch.Tensor, semantics: torch.Tensor | Semantics | None = None) -> list[list[torch.Tensor]]:
         """``x``: the dense one-hot label map concatenated with the images (the reference's input).
 
-        Or the fast path: ``x`` only the images, (k * B, image_nc, H, W), and ``semantics`` a
-        :class:`~spade_core.labelmap.LabelMap` of B maps that stand for the label channels of
-        every B images in turn (e.g. fakes then reals, k = 2). Each scale's first conv then
-        computes its label part as a gather, once per label map; same function and gradients.
+        Or ``x`` only the images, (k * B, image_nc, H, W), and ``semantics`` B label maps
+        (dense, or a :class:`~spade_core.labelmap.LabelMap`) that stand for the label channels
+        of every B images in turn (e.g. fakes then reals, k = 2). Dense maps are concatenated
+        (the reference's computation); a LabelMap's part of each scale's first conv is a
+        gather, once per label map. Same function and gradients.
         """
+        semantics = None if semantics is None else as_semantics(semantics)
         results = []
         for i, disc in enumerate(self.children()):
             if i > 0:

@@ -1,7 +1,7 @@
 """Gather kernels: a kxk convolution of a one-hot label map as an ``embedding_bag`` over a table
 of weight columns, and its sparse backward pass. :class:`spade_core.labelmap.LabelMap` plans
-and runs them during training; the eval-only generator (:mod:`spade_core.fast`) runs them
-with frozen tables.
+and runs them with gradients; :class:`spade_core.processors.GatherConv` runs them with tables
+frozen for inference.
 """
 
 from __future__ import annotations
@@ -24,20 +24,6 @@ def conv_table(weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.
     if bias is not None:
         table = torch.cat([table, bias.view(1, c_out)])
     return table
-
-
-def gather_indices(
-    channels: torch.Tensor, *, num_labels: int, kernel_size: int, edges: torch.Tensor | None
-) -> torch.Tensor:
-    """(B, H, W) channel ids [+ edges] -> (B*H*W, bag) rows of a :func:`conv_table` (stride 1, padding k//2)."""
-    rows = num_labels + int(edges is not None) + 1
-    entries = [channels]
-    if edges is not None:
-        entries.append(torch.where(edges, num_labels, rows - 1))
-    indices, _ = conv_bags(
-        torch.stack(entries, dim=-1), None, rows=rows, kernel_size=kernel_size, stride=1, padding=kernel_size // 2
-    )
-    return indices
 
 
 def conv_bags(

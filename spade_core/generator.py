@@ -8,7 +8,7 @@ from torch import nn
 
 from .blocks import SPADEResnetBlock, leaky
 from .config import GeneratorConfig
-from .labelmap import LabelMap
+from .labelmap import Semantics, as_semantics
 
 
 class SPADEGenerator(nn.Module):
@@ -49,22 +49,21 @@ class SPADEGenerator(nn.Module):
             final_nc = nf // 2
         self.conv_img = nn.Conv2d(final_nc, 3, 3, padding=1)
 
-    def forward(self, semantics: torch.Tensor | LabelMap, z: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, semantics: torch.Tensor | Semantics, z: torch.Tensor | None = None) -> torch.Tensor:
         """``semantics``: (B, semantic_nc, H, W) float one-hot (+ edges), or the equivalent
-        :class:`~spade_core.labelmap.LabelMap` (the fast path: label convs as gathers, fused
-        SPADE modulation; same function and gradients); ``z``: (B, z_dim) for VAE models."""
+        :class:`~spade_core.labelmap.LabelMap` (label convs as gathers; same function and
+        gradients); ``z``: (B, z_dim) for VAE models. How each SPADE computes is its
+        processor's (:mod:`spade_core.processors`), not this graph's."""
+        semantics = as_semantics(semantics)
+        if semantics.semantic_nc != self.semantic_nc:
+            raise ValueError(f"the label map has {semantics.semantic_nc} channels, the generator takes {self.semantic_nc}")
         if self.config.z_dim is not None:
             if z is None:
                 raise ValueError("this generator takes a style code: pass z of shape (B, z_dim)")
             x = self.fc(z).view(-1, 16 * self.config.ngf, self.sh, self.sw)
-            if isinstance(semantics, LabelMap):
-                x = x.contiguous(memory_format=torch.channels_last)
-        elif isinstance(semantics, LabelMap):
-            if semantics.semantic_nc != self.semantic_nc:
-                raise ValueError(f"the label map has {semantics.semantic_nc} channels, the generator takes {self.semantic_nc}")
-            x = semantics.conv(self.fc.weight, self.fc.bias, size=(self.sh, self.sw))
+            x = x.contiguous(memory_format=semantics.memory_format)
         else:
-            x = self.fc(F.interpolate(semantics, size=(self.sh, self.sw), mode="nearest"))
+            x = semantics.apply_conv(self.fc, size=(self.sh, self.sw))
         for name, upsample_first in self.schedule():
             if upsample_first:
                 x = upsample(x)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .config import LabelConfig
 from .gather import GatherPlan, GatherRows, avg_pool_entries, conv_bags, conv_table, nearest_index
@@ -77,6 +78,9 @@ class LabelMap:
     @property
     def device(self) -> torch.device:
         return self.channels.device
+
+    # Activations computed from a LabelMap come out channels_last (the gathers write NHWC).
+    memory_format = torch.channels_last
 
     def __repr__(self) -> str:
         edges = ", edges" if self.edges is not None else ""
@@ -141,6 +145,25 @@ class LabelMap:
         b, h, w = plan.out_shape
         return out.view(b, h, w, c_out).permute(0, 3, 1, 2)
 
+    def apply_conv(self, conv: nn.Conv2d, *, size: tuple[int, int], relu: bool = False) -> torch.Tensor:
+        """``conv`` (stride 1, padding k // 2) of this map resized to ``size``, as a gather: the
+        :class:`DenseSemantics` method of the same name, computed from the label ids."""
+        return self.conv(conv.weight, conv.bias, size=size, relu=relu)
+
+    def conv_with_images(self, conv: nn.Conv2d, images: torch.Tensor, *, pool_levels: int = 0) -> torch.Tensor:
+        """``conv`` of [label channels, image channels] for k * B images (the B maps repeated k
+        times; labels average-pooled ``pool_levels`` times): the image part as a dense conv,
+        the label part as a gather computed once per map."""
+        c_lab = self.semantic_nc
+        image_part = F.conv2d(images, conv.weight[:, c_lab:], conv.bias, conv.stride, conv.padding)
+        label_part = self.conv(
+            conv.weight[:, :c_lab], None, stride=conv.stride[0], padding=conv.padding[0], pool_levels=pool_levels
+        )
+        if image_part.shape[1:] != label_part.shape[1:]:
+            raise ValueError(f"label map {self.size} and images {tuple(images.shape[-2:])} differ in size")
+        both = image_part.unflatten(0, (-1, self.batch_size)) + label_part.to(image_part.dtype)
+        return both.flatten(0, 1)
+
     def plan(
         self, *, size: tuple[int, int], kernel_size: int, stride: int, padding: int, pool_levels: int = 0, bias: bool = False
     ) -> GatherPlan:
@@ -178,6 +201,76 @@ class LabelMap:
             result = avg_pool_entries(ids, weights, zero=self.rows - 1)
         self._entries[key] = result
         return result
+
+
+class DenseSemantics:
+    """The dense (B, semantic_nc, H, W) one-hot (+ edge channel) tensor behind the interface
+    the networks read their semantic input through (:class:`LabelMap` is the other one).
+
+    The networks call :meth:`apply_conv` on whichever they are given, so no layer branches
+    on the input's type; convs run as the modules themselves (the reference's computation,
+    hooks included). Nearest resizes are cached per size: make one per batch.
+    """
+
+    memory_format = torch.contiguous_format
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        if not isinstance(tensor, torch.Tensor) or tensor.dim() != 4 or not tensor.is_floating_point():
+            got = f"{tensor.dtype} {tuple(tensor.shape)}" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise ValueError(f"semantics must be a float tensor (B, semantic_nc, H, W) or a LabelMap, got {got}")
+        self.tensor = tensor
+        self._resized: dict[tuple[int, int], torch.Tensor] = {tuple(tensor.shape[-2:]): tensor}
+        self._pooled: dict[int, torch.Tensor] = {0: tensor}
+
+    @property
+    def semantic_nc(self) -> int:
+        return self.tensor.shape[1]
+
+    @property
+    def batch_size(self) -> int:
+        return self.tensor.shape[0]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return (self.tensor.shape[2], self.tensor.shape[3])
+
+    def resized(self, size: tuple[int, int]) -> torch.Tensor:
+        """The map resized (nearest) to ``size``."""
+        size = (int(size[0]), int(size[1]))
+        if size not in self._resized:
+            self._resized[size] = F.interpolate(self.tensor, size=size, mode="nearest")
+        return self._resized[size]
+
+    def apply_conv(self, conv: nn.Conv2d, *, size: tuple[int, int], relu: bool = False) -> torch.Tensor:
+        """``conv`` of the map resized to ``size`` (then a ReLU if asked)."""
+        out = conv(self.resized(size))
+        return F.relu(out) if relu else out
+
+    def pooled(self, levels: int) -> torch.Tensor:
+        """The map average-pooled ``levels`` times as the multiscale discriminator pools its input."""
+        if levels not in self._pooled:
+            below = self.pooled(levels - 1)
+            self._pooled[levels] = F.avg_pool2d(below, kernel_size=3, stride=2, padding=1, count_include_pad=False)
+        return self._pooled[levels]
+
+    def conv_with_images(self, conv: nn.Conv2d, images: torch.Tensor, *, pool_levels: int = 0) -> torch.Tensor:
+        """``conv`` of [label channels, image channels] for k * B images (the B maps repeated k
+        times; labels pooled ``pool_levels`` times): the concatenation, as the reference."""
+        labels = self.pooled(pool_levels)
+        if labels.shape[-2:] != images.shape[-2:]:
+            raise ValueError(f"label map {tuple(labels.shape[-2:])} and images {tuple(images.shape[-2:])} differ in size")
+        reps = images.shape[0] // self.batch_size
+        return conv(torch.cat([labels.repeat(reps, 1, 1, 1), images], dim=1))
+
+
+Semantics = LabelMap | DenseSemantics
+
+
+def as_semantics(semantics: torch.Tensor | LabelMap | DenseSemantics) -> Semantics:
+    """The networks' semantic input behind one interface: a dense tensor is wrapped, the rest pass through."""
+    if isinstance(semantics, (LabelMap, DenseSemantics)):
+        return semantics
+    return DenseSemantics(semantics)
 
 
 def label_map(labels: torch.Tensor, config: LabelConfig, *, instance: torch.Tensor | None = None) -> LabelMap:

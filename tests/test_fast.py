@@ -8,11 +8,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 import spade_core
 from spade_core.config import DiscriminatorConfig, GeneratorConfig, LabelConfig, ModelConfig, SpadeConfig
 from spade_core.fast import FastGenerator, GatherConv
-from spade_core.gather import gather_indices
+from spade_core.labelmap import LabelMap
+from spade_core.norms import SPADE
+from spade_core.processors import FoldedProcessor, ReferenceProcessor
 from spade_core.semantics import label_channels
 from spade_core.testing import randomize_weights
 
@@ -41,10 +44,9 @@ def test_gather_conv_equals_dense_conv_of_one_hot(kernel: int, edges: bool) -> N
     dense = F.one_hot(channels, num_labels).permute(0, 3, 1, 2).float()
     if edges:
         dense = torch.cat([dense, edge_map.unsqueeze(1).float()], dim=1)
-    gathered = GatherConv(conv, num_labels=num_labels, edges=edges, dtype=torch.float32)
-    idx = gather_indices(channels, num_labels=num_labels, kernel_size=kernel, edges=edge_map)
+    gathered = GatherConv(conv, dtype=torch.float32)
     with torch.no_grad():
-        torch.testing.assert_close(gathered(idx, (2, 9, 11)), conv(dense), atol=1e-5, rtol=0)
+        torch.testing.assert_close(gathered(LabelMap(channels, num_labels, edge_map), size=(9, 11)), conv(dense), atol=1e-5, rtol=0)
 
 
 def test_fast_path_reproduces_reference_fixture(nvlabs_fixture: Path) -> None:
@@ -127,6 +129,23 @@ def test_fast_path_leaves_the_plain_model_untouched() -> None:
     model.disable_fast_path()
     assert set(model.generator.state_dict()) == keys
     torch.testing.assert_close(model.synthesize(labels, z=z), before)
+
+
+def test_fast_path_is_the_generator_graph_with_folded_layers() -> None:
+    """One module graph: the fast generator runs a copy of the generator itself, its SPADEs
+    computing with folded processors and no spectral norm left; the source keeps its own."""
+    config = ARCHITECTURES["normal-vae"]
+    model = randomize_weights(spade_core.build_model(config, discriminator=False, seed=2)).eval()
+    fast = FastGenerator(model.generator, label_config=config.labels)
+    assert type(fast.generator) is type(model.generator)
+    assert fast.generator.schedule() == model.generator.schedule()
+    spades = [m for m in fast.generator.modules() if isinstance(m, SPADE)]
+    assert spades and all(isinstance(m.processor, FoldedProcessor) for m in spades)
+    assert not any(parametrize.is_parametrized(m) for m in fast.generator.modules())
+    assert all(isinstance(m.processor, ReferenceProcessor) for m in model.generator.modules() if isinstance(m, SPADE))
+    assert any(parametrize.is_parametrized(m) for m in model.generator.modules())
+    with pytest.raises(TypeError, match="LabelMap"):
+        spades[0](torch.zeros(1, spades[0].processor.modulation_weight.shape[0] // 2, 8, 8), torch.zeros(1, 13, 8, 8))
 
 
 def test_fast_generator_rejects_missing_edges_and_bad_dtype() -> None:

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 
 import spade_core
 from spade_core.config import DiscriminatorConfig, EncoderConfig, GeneratorConfig, LabelConfig, ModelConfig, SpadeConfig
-from spade_core.gather import gather_indices
 from spade_core.labelmap import LabelMap, label_map
 from spade_core.losses import LossConfig, VGG19Features, VGGLoss
 from spade_core.norms import set_fast_training
+from spade_core.processors import FusedProcessor
 from spade_core.spectral import SpectralNorm
 from spade_core.semantics import semantic_input
 from spade_core.testing import randomize_weights
@@ -133,13 +133,6 @@ def test_label_map_matches_semantic_input() -> None:
         LabelMap(b["label"].int(), 10)
 
 
-def test_fast_inference_path_shares_the_gather_indices() -> None:
-    channels = torch.randint(0, 5, (1, 6, 7))
-    lm = LabelMap(channels, 5)
-    plan = lm.plan(size=(6, 7), kernel_size=3, stride=1, padding=1)
-    torch.testing.assert_close(plan.indices.sort(dim=1).values, gather_indices(channels, num_labels=5, kernel_size=3, edges=None).sort(dim=1).values)
-
-
 # ---------------------------------------------------------------------------------------
 # Generator and discriminator: fast == plain, fp32, train mode
 
@@ -221,6 +214,24 @@ def test_discriminator_forward_and_gradients_match(name: str, channels_last: boo
     assert_grads_close(grads(fast.discriminator), grads(plain.discriminator), rel=rel)
 
 
+def test_discriminator_given_dense_semantics_computes_the_reference_concatenation_exactly() -> None:
+    """The images + dense label maps call is the reference's concatenated input, bit for bit
+    (training without the fast path must stay the reference's computation)."""
+    model = model_for("edges-batch-k5")
+    config = model.config
+    b = make_batch(config)
+    images = torch.randn(4, 3, *config.generator.output_size, generator=torch.Generator().manual_seed(5))
+    dense = semantics_of(b, config.labels)
+    twin = copy.deepcopy(model.discriminator)  # train mode: each call steps spectral norm's power iteration
+    reference = model.discriminator(torch.cat([dense.repeat(2, 1, 1, 1), images], dim=1))
+    given = twin(images, semantics=dense)
+    for ref_scale, given_scale in zip(reference, given, strict=True):
+        for ref, got in zip(ref_scale, given_scale, strict=True):
+            assert torch.equal(ref, got)
+    with pytest.raises(ValueError, match="whole number"):
+        model.discriminator(images[:3], semantics=dense)
+
+
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_training_steps_match(name: str) -> None:
     """train_job.steps with a LabelMap: the loss terms and the discriminator step's gradients
@@ -260,6 +271,8 @@ def test_state_dict_keys_and_values_are_unchanged() -> None:
     assert sum(isinstance(m, SpectralNorm) and m.fused for m in fast.modules()) > 0
     set_fast_training(fast, False)
     assert not any(isinstance(m, SpectralNorm) and m.fused for m in fast.modules())
+    assert not any(isinstance(m, FusedProcessor) for m in fast.modules())
+    assert list(fast.state_dict()) == list(plain.state_dict())
 
 
 def test_fused_spectral_norm_eval_mode_and_linear() -> None:
@@ -338,7 +351,7 @@ def test_training_loop_iteration_takes_the_fast_path_with_the_same_result(monkey
         trainer = trainer_module.Trainer(cfg, device=torch.device("cpu"))  # no Ray: one rank, no process group
         model = trainer.model
         randomize_weights(model, seed=2)
-        assert all((m.fuse_modulation is True) == fast_path for m in model.modules() if isinstance(m, SPADE))
+        assert all(isinstance(m.processor, FusedProcessor) == fast_path for m in model.modules() if isinstance(m, SPADE))
         assert all(m.fused == fast_path for m in model.modules() if isinstance(m, SpectralNorm))
         torch.manual_seed(0)
         batch = make_batch(cfg.model, batch=2)

@@ -54,11 +54,7 @@ def discriminate(
 ) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
     """Fake and real through the discriminator in one batch (as the reference: batch-norm
     discriminators see both halves together), split back per scale and layer."""
-    if isinstance(semantics, LabelMap):  # the label channels' conv as a gather, once for both halves
-        outputs = discriminator(torch.cat([fake, real], dim=0), semantics=semantics)
-    else:
-        both = torch.cat([torch.cat([semantics, fake], dim=1), torch.cat([semantics, real], dim=1)], dim=0)
-        outputs = discriminator(both)
+    outputs = discriminator(torch.cat([fake, real], dim=0), semantics=semantics)  # a LabelMap's gather runs once for both
     n = fake.shape[0]
     pred_fake = [[f[:n] for f in scale] for scale in outputs]
     pred_real = [[f[n:] for f in scale] for scale in outputs]
