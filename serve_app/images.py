@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from spade_core.preprocess import LABEL_MODES
+from spade_core.preprocess import LABEL_MODES, PHOTO_MODES
 
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
@@ -117,7 +117,7 @@ def rgb_image(data: bytes, *, field: str, max_pixels: int) -> np.ndarray:
 
     Animated files give their first frame."""
     im = open_image(data, field=field, allowed=("PNG", "JPEG", "WEBP"), max_pixels=max_pixels)
-    if im.mode not in ("RGB", "RGBA", "L", "LA", "P", "I;16", "I", "CMYK", "YCbCr", "1"):
+    if im.mode not in PHOTO_MODES:
         raise RequestError(400, f"{field} has an unsupported colour mode {im.mode}")
     try:
         im = ImageOps.exif_transpose(im)  # phones store photos sideways with an orientation tag

@@ -47,6 +47,8 @@ _LOAD_THEN_CROP = ("resize_and_crop", "scale_width_and_crop", "scale_shortside_a
 _POWER_BASE = 32  # 'none' mode rounds each side to a multiple of this
 LABEL_MODES = ("L", "P", "I", "I;16", "I;16L", "I;16B")  # 'P': the palette indices are the ids
 INSTANCE_MODES = ("L", "I", "I;16", "I;16L", "I;16B")
+# Colour modes a photo may come in (served style images): the ones convert("RGB") reads as colours
+PHOTO_MODES = ("RGB", "RGBA", "L", "LA", "P", "I;16", "I", "CMYK", "YCbCr", "1")
 
 Size = tuple[int, int]  # (width, height), as PIL's Image.size
 

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     from spade_core.locations import is_remote
 
     from .console import follow
-    from .trainer import run_dir
+    from .trainer import run_dir, total_steps
 
     address = args.address or os.environ.get("RAY_ADDRESS")
     # A local Ray and a run folder the driver can read: show the run (its messages and a
@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if quiet:
         _ray_logs_to(folder / "ray-driver.log")  # again: importing Ray Data gave it a console handler
-        with follow(folder, total=_total_steps(cfg), every=cfg.logging.every_steps) as shown:
+        total = total_steps(cfg, trainer.train_loop_config["num_examples"])  # the count build_trainer read
+        with follow(folder, total=total, every=cfg.logging.every_steps) as shown:
             result = trainer.fit()
             shown.reached((result.metrics or {}).get("step"))
     else:
@@ -149,17 +150,6 @@ def _ray_logs_to(path: Path) -> Path:
                     logger.removeHandler(h)
             logger.propagate = True
     return path
-
-
-def _total_steps(cfg: TrainConfig) -> int:
-    """The steps this run will take in all (max_steps, else whole epochs of whole batches)."""
-    from .shards import open_shards
-    from .trainer import steps_per_epoch
-
-    per_epoch = steps_per_epoch(open_shards(cfg.data.shards, cfg.data.split).count, workers=cfg.scaling.num_workers,
-                                worker_batch=cfg.worker_batch_size)
-    every = per_epoch * cfg.optim.total_epochs
-    return min(every, cfg.optim.max_steps) if cfg.optim.max_steps is not None else every
 
 
 if __name__ == "__main__":

@@ -81,6 +81,13 @@ def steps_per_epoch(count: int, *, workers: int, worker_batch: int) -> int:
     return (count // workers) // worker_batch
 
 
+def total_steps(cfg: TrainConfig, num_examples: int) -> int:
+    """The steps a run takes in all: ``optim.max_steps``, else whole epochs of whole batches."""
+    per_epoch = steps_per_epoch(num_examples, workers=cfg.scaling.num_workers, worker_batch=cfg.worker_batch_size)
+    every = per_epoch * cfg.optim.total_epochs
+    return min(every, cfg.optim.max_steps) if cfg.optim.max_steps is not None else every
+
+
 def build_training_model(cfg: TrainConfig, *, device: torch.device, sync_batchnorm: bool) -> spade_core.SpadeModel:
     """The networks as a worker trains them: synced batch norm (call it inside the process
     group), the fast path and the memory format the config asks for."""
