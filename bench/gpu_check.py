@@ -88,7 +88,7 @@ GRAD_FACTOR = 2.0  # the fast path's gradients may be this much further from flo
 # perturbation (the plain path, the fast path, or float64 with weights nudged by 6e-8) can
 # land 1e-4..1e-3 away (bench/grad_conditioning.py measures it), so errors below this pass
 # whatever the plain path's. (The fast path in float64 is exact: 7e-15.)
-GRAD_FLOOR = 1e-3
+GRAD_FLOOR = 5e-3  # above the 3.1e-3 seen at such a point (tiny preset, seed 0, plain fp32)
 PRESETS = REPO / "cluster" / "configs"
 
 
