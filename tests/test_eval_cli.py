@@ -21,7 +21,8 @@ from spade_core.config import EncoderConfig
 from spade_core.metrics import ADE20K, ConfusionMatrix, fid_of_paths, load_fid_inception, load_statistics
 from train_job.config import load_train_config
 from train_job.eval_cli import main
-from train_job.evaluate import EvalError, EvalOptions, Evaluator, actor_settings, prepare_evaluation
+from train_job.eval_inputs import EvalError, EvalOptions, prepare_evaluation
+from train_job.evaluate import Evaluator, actor_settings
 from train_job.pipeline import decode_augment
 from train_job.prepare import main as prepare_main
 from train_job.synthetic import default_oracle, write_dataset

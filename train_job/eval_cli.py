@@ -23,7 +23,7 @@ from typing import NoReturn, Sequence
 
 from spade_core.runs import SELECTS
 
-from .evaluate import EvalError, EvalOptions, foreign_inception_message, missing_inception_message
+from .eval_inputs import EvalError, EvalOptions, foreign_inception_message, missing_inception_message
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -148,7 +148,9 @@ def _fid(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .evaluate import prepare_evaluation, run_evaluation, summary_lines, write_results
+    from .eval_inputs import prepare_evaluation
+    from .eval_report import summary_lines, write_results
+    from .evaluate import run_evaluation
 
     opts = EvalOptions(
         checkpoint=args.checkpoint, select=args.select, data=args.data, out=args.out, split=args.split, inception=args.inception,

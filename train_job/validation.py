@@ -4,7 +4,7 @@
         holds ``eval.num_images`` pairs
     ValidationSet.load: the split's first N pairs in key order, decoded by the data pipeline's
         own :func:`~train_job.pipeline.decode_augment` with the model's test-time preprocessing
-        (:func:`~train_job.evaluate.eval_preprocess`: resize to the model's input, no crop, no
+        (:func:`~train_job.eval_inputs.eval_preprocess`: resize to the model's input, no crop, no
         flip): the same images as ``spade-eval run --num-images N`` scores
     TrainingEvaluator: built once on rank 0 (Inception weights and the segmenter loaded, the
         real images' Inception features and statistics computed once); each call generates the
@@ -47,7 +47,7 @@ from spade_core.preprocess import to_uint8, to_unit_range
 from spade_core.semantics import classes_for
 
 from .config import TrainConfig
-from .evaluate import eval_preprocess, label_space
+from .eval_inputs import eval_preprocess, label_space
 from .metrics import sample_grid
 from .pipeline import decode_augment
 from .shards import ShardSet, open_shards
@@ -149,7 +149,7 @@ class TrainingEvaluator:
         self.real_scores: dict[str, float] = {}
         if "miou" in self.metrics:
             if ev.oracle:
-                from .synthetic import default_oracle
+                from .synthetic.oracle import default_oracle
 
                 self.segmenter = default_oracle()
             else:
