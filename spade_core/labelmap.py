@@ -15,7 +15,11 @@ batch and pass it everywhere the dense one-hot would go; :meth:`LabelMap.dense` 
 dense tensor when something needs it.
 
 The kernels (tables, gather plans, the sparse backward) are :mod:`spade_core.gather`'s; the
-eval-only generator in :mod:`spade_core.fast` uses them too.
+inference processors (:mod:`spade_core.processors`) use them with frozen tables.
+
+:class:`DenseSemantics` puts the dense one-hot tensor behind the same interface
+(``apply_conv``, ``conv_with_images``, ``semantic_nc``, ``memory_format``), so the networks
+read either kind without branching on its type (:func:`as_semantics` wraps a tensor).
 """
 
 from __future__ import annotations
