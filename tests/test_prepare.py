@@ -16,9 +16,8 @@ import pytest
 from PIL import Image
 
 from tests.conftest import REPO, SAMPLES
-from train_job import prepare as prep
 from train_job.datasets import DatasetError, list_ade20k, list_cityscapes, list_coco_stuff, list_custom
-from train_job.prepare import BadPairError, main, prepare_split
+from train_job.prepare import BadPairError, main, prepare_split, reading, writing
 from train_job.shards import SCHEMA, STATS_KEY, read_manifest, read_shard_stats
 from train_job.progress import Progress
 
@@ -151,7 +150,7 @@ def test_workers_write_the_same_shards(tmp_path: Path) -> None:
 
 
 def test_row_groups_bound_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(prep, "_ROW_GROUP_ROWS", 2)
+    monkeypatch.setattr(writing, "_ROW_GROUP_ROWS", 2)
     _prepare(list_coco_stuff(COCO_SAMPLE, "val"), tmp_path / "out", shard_rows=5)
     assert pq.ParquetFile(tmp_path / "out/val/part-00000.parquet").metadata.num_row_groups == 3
 
@@ -220,19 +219,19 @@ def test_resume_rewrites_only_the_missing_shard(tmp_path: Path) -> None:
 def test_interrupted_run_leaves_no_partial_shard_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     listing = list_ade20k(_ade_tree(tmp_path / "data", 12), "train")
     out = tmp_path / "out"
-    real = prep._inspect_chunk
+    real = reading._inspect_chunk
 
     def interrupted(pairs, labels):  # type: ignore[no-untyped-def]
         if any(p.key == "ADE_train_00000007" for p in pairs):
             raise KeyboardInterrupt
         return real(pairs, labels)
 
-    monkeypatch.setattr(prep, "_inspect_chunk", interrupted)
+    monkeypatch.setattr(reading, "_inspect_chunk", interrupted)
     with pytest.raises(KeyboardInterrupt):
         _prepare(listing, out, shard_rows=5)
     assert sorted(os.listdir(out / "train")) == ["part-00000.parquet"]  # shard 1's temp file was removed
     assert not (out / "manifest.json").exists()
-    monkeypatch.setattr(prep, "_inspect_chunk", real)
+    monkeypatch.setattr(reading, "_inspect_chunk", real)
 
     # what a killed process leaves: a temp file of a half-written shard, a stray manifest temp,
     # and (copied by hand, say) a truncated file under a final name

@@ -7,15 +7,13 @@
   learning benchmark.
 * :mod:`.dataset`: :func:`write_dataset`, an ADE20K folder of generated scenes (JPEG + raw-id
   PNG) with a manifest; image i of a split depends only on (seed, split, i).
-* ``python -m train_job.synthetic`` (:mod:`.__main__`): its command line.
+* ``python -m train_job.synthetic`` (:mod:`.cli`): its command line.
 
 Importing this package does not import torch (scene writers run in spawned processes):
 spade_core is imported only when the oracle is fitted or class names are asked for.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from .dataset import GENERATOR_VERSION, MANIFEST, PREFIX, ROOT, SPLIT_CODE, scene_rng, split_dirs, write_dataset
 from .oracle import ORACLE_FIT_SCENES, ORACLE_FIT_SEED, ORACLE_FIT_SIZE, default_oracle, fit_oracle, fitting_scenes, segment
@@ -46,7 +44,10 @@ from .scenes import (
     render,
 )
 
+from .cli import main
+
 __all__ = [
+    "main",
     "BUILDING",
     "CLASS_IDS",
     "ClassStyle",
@@ -88,12 +89,3 @@ __all__ = [
     "write_dataset",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    # main lives in __main__.py; importing it here eagerly would make ``python -m`` warn that
-    # train_job.synthetic.__main__ was already imported, so it is looked up when first asked for
-    if name == "main":
-        from .__main__ import main
-
-        return main
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
