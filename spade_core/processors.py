@@ -19,7 +19,7 @@ tensors as non-persistent buffers), so swapping them never changes a state dict.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +29,14 @@ from torch.autograd.function import once_differentiable
 from .gather import conv_table
 from .labelmap import LabelMap, Semantics
 
-if TYPE_CHECKING:
-    from .norms import SPADE
+
+class SPADE(Protocol):
+    """What a processor reads of its layer (:class:`spade_core.norms.SPADE`'s modules, the reference's names)."""
+
+    param_free_norm: nn.Module
+    mlp_shared: nn.Sequential
+    mlp_gamma: nn.Conv2d
+    mlp_beta: nn.Conv2d
 
 
 class ReferenceProcessor(nn.Module):

@@ -17,12 +17,23 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from .trainer import Trainer
+from spade_core import SpadeModel
+
+from .checkpointing import TrainState
+
+
+class Trainer(Protocol):
+    """What callbacks see of a :class:`train_job.trainer.Trainer` (which imports this module)."""
+
+    rank: int
+    world: int
+    run_dir: Path
+    model: SpadeModel
+    state: TrainState
 
 
 class Callback:
