@@ -384,8 +384,9 @@ def broken_rollout_drill(base: str, args: dict[str, Any], *, clients: int, tmp: 
             "rollouts": rollouts}
 
 
-def kill_controller_drill(base: str, *, clients: int, seconds: float, kill_at: float) -> dict[str, Any]:
-    """Kill the Serve controller under load: the proxy and replicas serve on while Ray restarts it."""
+def kill_controller_drill(base: str, *, clients: int, seconds: float, kill_at: float, restart_timeout: float = 60.0) -> dict[str, Any]:
+    """Kill the Serve controller under load: the proxy and replicas serve on while Ray restarts it.
+    The load runs ``seconds``, longer while the controller is not back (``restart_timeout`` at most)."""
     import ray
     from ray import serve
 
@@ -400,7 +401,7 @@ def kill_controller_drill(base: str, *, clients: int, seconds: float, kill_at: f
         old_pid = controller_pid()
         ray.kill(ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve"), no_restart=False)  # Ray restarts it
         killed_at = load.now()
-        while load.now() < seconds:
+        while load.now() < seconds or (restarted_at is None and load.now() < seconds + restart_timeout):
             # ray.kill is asynchronous: the old controller may still answer for a moment, so
             # "back" means a new process whose application reads RUNNING again
             if restarted_at is None:
@@ -409,7 +410,7 @@ def kill_controller_drill(base: str, *, clients: int, seconds: float, kill_at: f
                         restarted_at = load.now()
             time.sleep(0.1)
     answers = load.answers
-    during = [a for a in answers if killed_at <= a.sent <= (restarted_at or seconds)]
+    during = [a for a in answers if killed_at <= a.sent <= (restarted_at or load.now())]
     return {"clients": clients, "sent": len(answers), "statuses": statuses(answers), "sent_while_down": len(during),
             "non_200_while_down": sum(a.status != 200 for a in during), "non_200": sum(a.status != 200 for a in answers),
             "restarted_after_s": None if restarted_at is None else restarted_at - killed_at}

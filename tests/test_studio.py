@@ -43,17 +43,26 @@ def browser():  # type: ignore[no-untyped-def]
         b.close()
 
 
+@pytest.fixture(scope="module")
+def vae_studio(ray_cluster, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """One VAE app for the tests that only paint on it (what they change lives in each page).
+    Tests that start apps of their own come first in this file: Serve runs one app set at a
+    time, and this one stays up from its first user to the module's end."""
+    with drills.running_app(drills.vae_app(tmp_path_factory.mktemp("studio"))) as base:
+        yield base
+
+
 @pytest.fixture()
-def studio(ray_cluster, browser, tmp_path: Path):  # type: ignore[no-untyped-def]
-    with drills.running_app(drills.vae_app(tmp_path)) as base:
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
-        errors: list[str] = []
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
-        page.goto(base + "/")
-        page.wait_for_function("document.getElementById('photo').dataset.seq !== undefined", timeout=60_000)
-        yield page, base
-        assert not errors, errors  # no uncaught script error on the way
-        page.close()
+def studio(vae_studio: str, browser):  # type: ignore[no-untyped-def]
+    """A fresh page on the shared app."""
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(vae_studio + "/")
+    page.wait_for_function("document.getElementById('photo').dataset.seq !== undefined", timeout=60_000)
+    yield page, vae_studio
+    assert not errors, errors  # no uncaught script error on the way
+    page.close()
 
 
 def photo_seq(page) -> int:  # type: ignore[no-untyped-def]
@@ -103,6 +112,73 @@ def photo_pixels(page) -> np.ndarray:  # type: ignore[no-untyped-def]
 
 def palette(page) -> list[tuple[int, int, int]]:  # type: ignore[no-untyped-def]
     return [tuple(c) for c in page.evaluate("fetch('/v1/model').then(r => r.json()).then(m => m.classes.map(c => c.color))")]
+
+
+def test_switching_models_resizes_and_relabels_the_canvas(ray_cluster, browser, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from spade_core.config import GeneratorConfig, LabelConfig, ModelConfig, SpadeConfig
+
+    square = ModelConfig(labels=LabelConfig(label_nc=12), generator=GeneratorConfig(ngf=8, crop_size=64, spade=SpadeConfig(hidden=16)))
+    wide = ModelConfig(labels=LabelConfig(label_nc=6), generator=GeneratorConfig(ngf=8, crop_size=64, aspect_ratio=2.0,
+                                                                                  spade=SpadeConfig(hidden=16)))
+    args = {"models": [{"name": "square", "checkpoint": str(drills.write_checkpoint(square, tmp_path / "square"))},
+                       {"name": "wide", "checkpoint": str(drills.write_checkpoint(wide, tmp_path / "wide", seed=1))}],
+            "ingress": {"num_cpus": 0.1}, "generator": {"num_cpus": 0.2}}
+    with drills.running_app(args) as base:
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(base + "/")
+        page.wait_for_function("document.getElementById('photo').dataset.seq !== undefined", timeout=60_000)
+        assert page.is_visible("#model-picker") and page.eval_on_selector("#model", "s => s.options.length") == 2
+        page.click('#palette button[data-id="9"]')  # class_9: the wide model has 6 classes
+        drag(page, [(0.1, 0.5), (0.9, 0.5)])
+        seq = photo_seq(page)
+        page.select_option("#model", "wide")
+        page.wait_for_function("document.getElementById('notice').textContent.includes('Model changed')", timeout=60_000)
+        wait_new_photo(page, seq)
+        message = page.inner_text("#notice")
+        assert "resized to the model's 64×32" in message and "became class_0" in message, message
+        assert page.evaluate("[document.getElementById('canvas').width, document.getElementById('canvas').height]") == [64, 32]
+        assert page.inner_text("#status").startswith("wide")
+        page.screenshot(path=str(SHOTS / "model_switch.png"))
+        page.close()
+
+
+def test_the_page_keeps_working_across_a_server_restart(ray_cluster, browser, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Serve goes down under an open page and comes back on the same port with another model:
+    the page says so, retries on its own, and adopts the new model without a reload."""
+    from ray import serve
+
+    from spade_core.config import GeneratorConfig, LabelConfig, ModelConfig, SpadeConfig
+
+    errors: list[str] = []
+    with drills.running_app(drills.vae_app(tmp_path)) as base:
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(base + "/")
+        page.wait_for_function("document.getElementById('photo').dataset.seq !== undefined", timeout=60_000)
+        page.click('#palette button[data-id="2"]')
+        drag(page, [(0.2, 0.5), (0.8, 0.5)])
+
+        serve.shutdown()
+        seq = photo_seq(page)
+        drag(page, [(0.2, 0.7), (0.8, 0.7)])  # drawn while the server is away
+        page.wait_for_function("document.getElementById('message').textContent.includes('cannot be reached')", timeout=30_000)
+
+        wide = ModelConfig(labels=LabelConfig(label_nc=6), generator=GeneratorConfig(
+            ngf=8, crop_size=64, aspect_ratio=2.0, spade=SpadeConfig(hidden=16)))
+        serve.start(http_options={"host": "127.0.0.1", "port": int(base.rsplit(":", 1)[1])})
+        drills.deploy({"checkpoint": str(drills.write_checkpoint(wide, tmp_path / "wide")), "ingress": {"num_cpus": 0.1},
+                       "generator": {"num_cpus": 0.2}}, name="drill")
+        wait_new_photo(page, seq, timeout=90.0)  # no reload, no click: the page retried on its own
+        page.wait_for_function("document.getElementById('canvas').width === 64 && document.getElementById('canvas').height === 32",
+                               timeout=60_000)
+        assert "Model changed" in page.inner_text("#notice")
+        page.wait_for_function("document.getElementById('message').textContent === ''", timeout=30_000)
+        labels = canvas_pixels(page)
+        assert labels.shape == (32, 64, 3)
+        assert tuple(labels[16, 32]) == palette(page)[2]  # the stroke drawn before the restart, relabelled by name
+        page.screenshot(path=str(SHOTS / "after_restart.png"))
+        page.close()
+    assert not errors, errors
 
 
 def test_strokes_of_two_classes_draw_a_photo_that_differs_where_they_do(studio) -> None:  # type: ignore[no-untyped-def]
@@ -196,108 +272,43 @@ def test_the_studio_files_are_served_and_nothing_outside_their_folder(studio) ->
     for escape in ("/studio/../ingress.py", "/studio/%2e%2e/ingress.py", "/studio/..%2fconfig.py"):
         r = requests.get(base + escape, timeout=30)
         assert r.status_code == 404 and "InputError" not in r.text, escape
-def test_switching_models_resizes_and_relabels_the_canvas(ray_cluster, browser, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from spade_core.config import GeneratorConfig, LabelConfig, ModelConfig, SpadeConfig
-
-    square = ModelConfig(labels=LabelConfig(label_nc=12), generator=GeneratorConfig(ngf=8, crop_size=64, spade=SpadeConfig(hidden=16)))
-    wide = ModelConfig(labels=LabelConfig(label_nc=6), generator=GeneratorConfig(ngf=8, crop_size=64, aspect_ratio=2.0,
-                                                                                  spade=SpadeConfig(hidden=16)))
-    args = {"models": [{"name": "square", "checkpoint": str(drills.write_checkpoint(square, tmp_path / "square"))},
-                       {"name": "wide", "checkpoint": str(drills.write_checkpoint(wide, tmp_path / "wide", seed=1))}],
-            "ingress": {"num_cpus": 0.1}, "generator": {"num_cpus": 0.2}}
-    with drills.running_app(args) as base:
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
-        page.goto(base + "/")
-        page.wait_for_function("document.getElementById('photo').dataset.seq !== undefined", timeout=60_000)
-        assert page.is_visible("#model-picker") and page.eval_on_selector("#model", "s => s.options.length") == 2
-        page.click('#palette button[data-id="9"]')  # class_9: the wide model has 6 classes
-        drag(page, [(0.1, 0.5), (0.9, 0.5)])
-        seq = photo_seq(page)
-        page.select_option("#model", "wide")
-        page.wait_for_function("document.getElementById('notice').textContent.includes('Model changed')", timeout=60_000)
-        wait_new_photo(page, seq)
-        message = page.inner_text("#notice")
-        assert "resized to the model's 64×32" in message and "became class_0" in message, message
-        assert page.evaluate("[document.getElementById('canvas').width, document.getElementById('canvas').height]") == [64, 32]
-        assert page.inner_text("#status").startswith("wide")
-        page.screenshot(path=str(SHOTS / "model_switch.png"))
-        page.close()
 
 
-def test_pen_and_touch_strokes_paint_like_the_mouse(ray_cluster, browser, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_pen_and_touch_strokes_paint_like_the_mouse(vae_studio: str, browser) -> None:  # type: ignore[no-untyped-def]
     """Real pen and touch input through Chromium's input pipeline (CDP), not synthetic DOM events."""
-    with drills.running_app(drills.vae_app(tmp_path)) as base:
-        context = browser.new_context(viewport={"width": 1400, "height": 900}, has_touch=True)
-        page = context.new_page()
-        page.goto(base + "/")
-        page.wait_for_function("document.getElementById('photo').dataset.seq !== undefined", timeout=60_000)
-        colours = palette(page)
-        cdp = context.new_cdp_session(page)
-        box = canvas_box(page)
+    base = vae_studio
+    context = browser.new_context(viewport={"width": 1400, "height": 900}, has_touch=True)
+    page = context.new_page()
+    page.goto(base + "/")
+    page.wait_for_function("document.getElementById('photo').dataset.seq !== undefined", timeout=60_000)
+    colours = palette(page)
+    cdp = context.new_cdp_session(page)
+    box = canvas_box(page)
 
-        def xy(u: float, v: float) -> dict[str, float]:
-            return {"x": box["x"] + u * box["width"], "y": box["y"] + v * box["height"]}
+    def xy(u: float, v: float) -> dict[str, float]:
+        return {"x": box["x"] + u * box["width"], "y": box["y"] + v * box["height"]}
 
-        page.click('#palette button[data-id="3"]')
-        seq = photo_seq(page)
-        cdp.send("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": [xy(0.1, 0.25)]})
-        for i in range(1, 9):
-            cdp.send("Input.dispatchTouchEvent", {"type": "touchMove", "touchPoints": [xy(0.1 + 0.1 * i, 0.25)]})
-        cdp.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
-        wait_new_photo(page, seq)
+    page.click('#palette button[data-id="3"]')
+    seq = photo_seq(page)
+    cdp.send("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": [xy(0.1, 0.25)]})
+    for i in range(1, 9):
+        cdp.send("Input.dispatchTouchEvent", {"type": "touchMove", "touchPoints": [xy(0.1 + 0.1 * i, 0.25)]})
+    cdp.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+    wait_new_photo(page, seq)
 
-        page.click('#palette button[data-id="4"]')
-        seq = photo_seq(page)
-        pen = {"pointerType": "pen", "button": "left", "clickCount": 1}
-        cdp.send("Input.dispatchMouseEvent", {"type": "mousePressed", **xy(0.1, 0.75), **pen, "buttons": 1})
-        for i in range(1, 9):
-            cdp.send("Input.dispatchMouseEvent", {"type": "mouseMoved", **xy(0.1 + 0.1 * i, 0.75), "pointerType": "pen", "buttons": 1})
-        cdp.send("Input.dispatchMouseEvent", {"type": "mouseReleased", **xy(0.9, 0.75), **pen, "buttons": 0})
-        wait_new_photo(page, seq)
+    page.click('#palette button[data-id="4"]')
+    seq = photo_seq(page)
+    pen = {"pointerType": "pen", "button": "left", "clickCount": 1}
+    cdp.send("Input.dispatchMouseEvent", {"type": "mousePressed", **xy(0.1, 0.75), **pen, "buttons": 1})
+    for i in range(1, 9):
+        cdp.send("Input.dispatchMouseEvent", {"type": "mouseMoved", **xy(0.1 + 0.1 * i, 0.75), "pointerType": "pen", "buttons": 1})
+    cdp.send("Input.dispatchMouseEvent", {"type": "mouseReleased", **xy(0.9, 0.75), **pen, "buttons": 0})
+    wait_new_photo(page, seq)
 
-        labels = canvas_pixels(page)
-        h, w, _ = labels.shape
-        assert all(tuple(labels[h // 4, int(u * w)]) == colours[3] for u in (0.2, 0.5, 0.8))  # the touch stroke, unbroken
-        assert all(tuple(labels[3 * h // 4, int(u * w)]) == colours[4] for u in (0.2, 0.5, 0.8))  # the pen stroke
-        assert tuple(labels[h // 2, w // 2]) == colours[0]
-        page.screenshot(path=str(SHOTS / "pen_and_touch.png"))
-        context.close()
-
-
-def test_the_page_keeps_working_across_a_server_restart(ray_cluster, browser, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """Serve goes down under an open page and comes back on the same port with another model:
-    the page says so, retries on its own, and adopts the new model without a reload."""
-    from ray import serve
-
-    from spade_core.config import GeneratorConfig, LabelConfig, ModelConfig, SpadeConfig
-
-    errors: list[str] = []
-    with drills.running_app(drills.vae_app(tmp_path)) as base:
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
-        page.goto(base + "/")
-        page.wait_for_function("document.getElementById('photo').dataset.seq !== undefined", timeout=60_000)
-        page.click('#palette button[data-id="2"]')
-        drag(page, [(0.2, 0.5), (0.8, 0.5)])
-
-        serve.shutdown()
-        seq = photo_seq(page)
-        drag(page, [(0.2, 0.7), (0.8, 0.7)])  # drawn while the server is away
-        page.wait_for_function("document.getElementById('message').textContent.includes('cannot be reached')", timeout=30_000)
-
-        wide = ModelConfig(labels=LabelConfig(label_nc=6), generator=GeneratorConfig(
-            ngf=8, crop_size=64, aspect_ratio=2.0, spade=SpadeConfig(hidden=16)))
-        serve.start(http_options={"host": "127.0.0.1", "port": int(base.rsplit(":", 1)[1])})
-        drills.deploy({"checkpoint": str(drills.write_checkpoint(wide, tmp_path / "wide")), "ingress": {"num_cpus": 0.1},
-                       "generator": {"num_cpus": 0.2}}, name="drill")
-        wait_new_photo(page, seq, timeout=90.0)  # no reload, no click: the page retried on its own
-        page.wait_for_function("document.getElementById('canvas').width === 64 && document.getElementById('canvas').height === 32",
-                               timeout=60_000)
-        assert "Model changed" in page.inner_text("#notice")
-        page.wait_for_function("document.getElementById('message').textContent === ''", timeout=30_000)
-        labels = canvas_pixels(page)
-        assert labels.shape == (32, 64, 3)
-        assert tuple(labels[16, 32]) == palette(page)[2]  # the stroke drawn before the restart, relabelled by name
-        page.screenshot(path=str(SHOTS / "after_restart.png"))
-        page.close()
-    assert not errors, errors
+    labels = canvas_pixels(page)
+    h, w, _ = labels.shape
+    assert all(tuple(labels[h // 4, int(u * w)]) == colours[3] for u in (0.2, 0.5, 0.8))  # the touch stroke, unbroken
+    assert all(tuple(labels[3 * h // 4, int(u * w)]) == colours[4] for u in (0.2, 0.5, 0.8))  # the pen stroke
+    assert tuple(labels[h // 2, w // 2]) == colours[0]
+    page.screenshot(path=str(SHOTS / "pen_and_touch.png"))
+    context.close()

@@ -99,9 +99,9 @@ def test_rerun_and_resume_flag_continue_the_exact_step_lr_schedule_and_optimiser
     # --resume (before the rerun below prunes that checkpoint): a new run, under its own name,
     # starts from the first run's step-4 checkpoint
     branched_cfg = tiny_config(shards, tmp_path, "branched", f"storage.resume_from={first.checkpoint.path}")
-    branched = build_trainer(branched_cfg).fit()
-    assert saved_state(branched.checkpoint.path)["state"] == {"step": 12, "epoch": 2, "epoch_step": 0}
-    assert [m["step"] for m in metrics(tmp_path, "branched")] == list(range(5, 13))  # 4 from the source, 8 here
+    branched = build_trainer(branched_cfg, callbacks=[StopAtStep(8)]).fit()
+    assert saved_state(branched.checkpoint.path)["state"] == {"step": 8, "epoch": 1, "epoch_step": 2}
+    assert [m["step"] for m in metrics(tmp_path, "branched")] == list(range(5, 9))  # 4 from the source, 4 here
     second = build_trainer(cfg).fit()  # same storage + name: Ray Train hands back the latest checkpoint
     final = saved_state(second.checkpoint.path)
     assert final["state"] == {"step": 12, "epoch": 2, "epoch_step": 0}
@@ -126,20 +126,3 @@ def test_cli_reports_bad_configs_and_mismatched_shards(shards: Path, tmp_path: P
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 2 and "label_nc" in result.stderr
-
-
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_mixed_precision_channels_last_and_clipping_train_one_worker(ray_cluster, shards: Path, tmp_path: Path, precision: str) -> None:  # type: ignore[no-untyped-def]
-    cfg = tiny_config(
-        shards, tmp_path, f"amp_{precision}", f"optim.precision={precision}", "optim.channels_last=true",
-        "optim.grad_clip=1.0", "optim.ema_decay=null", "scaling.num_workers=1", "optim.niter_decay=1", "checkpoint.every_steps=2",
-    )
-    result = build_trainer(cfg, callbacks=[StopAtStep(2)]).fit()  # fp16 convs are slow on CPUs
-    assert result.error is None
-    state = saved_state(result.checkpoint.path)
-    assert state["state"]["step"] == 2
-    assert (state["scaler"] is not None) == (precision == "fp16")
-    records = metrics(tmp_path, f"amp_{precision}")
-    assert all(all(v == v for k, v in m.items() if k.startswith(("G_", "D_"))) for m in records)  # no NaN
-    model = spade_core.load_checkpoint(result.checkpoint.path)
-    assert torch.isfinite(model.synthesize(torch.zeros(1, 64, 64, dtype=torch.long))).all()

@@ -4,6 +4,7 @@ channels_last, bf16 autocast) computes the plain path's function and gradients."
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -360,3 +361,34 @@ def test_training_loop_iteration_takes_the_fast_path_with_the_same_result(monkey
     assert terms[True].keys() == terms[False].keys() == {"G_GAN", "G_feat", "D_fake", "D_real"}
     for k in terms[False]:
         assert terms[True][k] == pytest.approx(terms[False][k], rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_channels_last_and_clipping_train_and_checkpoint(tmp_path, precision: str) -> None:  # type: ignore[no-untyped-def]
+    """The Trainer's AMP steps (autocast, fp16's grad scaler, clipping, channels_last) give
+    finite losses, and the checkpoint they write holds the scaler exactly when fp16 needs one,
+    restores into a new Trainer and loads for serving."""
+    from pathlib import Path
+
+    from train_job.checkpointing import read_training_checkpoint, write_training_checkpoint
+    from train_job.config import load_train_config
+    from train_job.trainer import Trainer
+
+    cfg = load_train_config(Path(__file__).parents[1] / "cluster/configs/tiny.yaml", [
+        f"optim.precision={precision}", "optim.channels_last=true", "optim.grad_clip=1.0", "optim.ema_decay=null",
+        "model.generator.ngf=8", "model.discriminator.ndf=8"])
+    trainer = Trainer(cfg, device=torch.device("cpu"))  # no Ray: one rank, no process group
+    for step in range(2):
+        terms = trainer.train_step(make_batch(cfg.model, batch=2, seed=step))
+        assert terms and all(math.isfinite(v) for v in terms.values()), terms
+        trainer.state.step += 1
+    assert (trainer.scaler is not None) == (precision == "fp16")
+    write_training_checkpoint(tmp_path, **trainer.parts(), state=trainer.state, train_config=cfg.to_dict())
+    saved = torch.load(tmp_path / "training/state.pt", weights_only=True)
+    assert saved["state"]["step"] == 2 and (saved["scaler"] is not None) == (precision == "fp16")
+    again = Trainer(cfg, device=torch.device("cpu"))
+    assert read_training_checkpoint(tmp_path, **again.parts()).step == 2
+    if precision == "fp16":
+        assert again.scaler.state_dict() == trainer.scaler.state_dict()
+    model = spade_core.load_checkpoint(tmp_path)
+    assert torch.isfinite(model.synthesize(torch.zeros(1, 64, 64, dtype=torch.long))).all()
