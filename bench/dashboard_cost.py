@@ -1,17 +1,26 @@
-"""What the Ray dashboard costs on this machine: CPU seconds that a local Ray's processes use
-per minute while idle, with the dashboard and without, measured in one run (the choice
-behind ``spade-train --dashboard`` being opt-in for a local Ray).
+"""What the Ray dashboard costs on this machine, with it and without, measured in one run
+(the choice behind ``spade-train --dashboard`` being opt-in for a local Ray):
+- idle: CPU seconds per minute that a local Ray's processes use;
+- under load: a ``spade-train`` run (tiny preset, 2 workers, synthetic shards), its median
+  step time, the whole command's wall time and the CPU seconds of its process tree.
 
-    python bench/dashboard_cost.py [--seconds 60]
+    python bench/dashboard_cost.py [--seconds 60] [--steps 30]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 CODE = """
 import os, sys, time, ray
@@ -59,10 +68,31 @@ def idle_cpu(dashboard: bool, seconds: float, warmup: float) -> float:
     return used / elapsed * 60
 
 
+def training_cost(dashboard: bool, shards: Path, runs: Path, steps: int) -> dict[str, float]:
+    """One ``spade-train`` run: median step seconds (after the first 3), wall and CPU seconds of the command."""
+    from drills_train import train_command
+
+    name = "dashboard" if dashboard else "plain"
+    cmd = train_command(shards, runs, name, f"optim.max_steps={steps}") + (["--dashboard"] if dashboard else [])
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    cpu = 0.0
+    while proc.poll() is None:  # the tree's CPU, sampled: Ray's processes leave before the driver does
+        cpu = max(cpu, _tree_cpu(proc.pid))
+        time.sleep(0.5)
+    wall = time.monotonic() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"spade-train exited {proc.returncode} ({'with' if dashboard else 'without'} the dashboard)")
+    records = [json.loads(line) for line in (runs / name / "metrics.jsonl").read_text().splitlines()]
+    step_s = [r["step_s"] for r in records if "step_s" in r][3:]
+    return {"step_s": statistics.median(step_s), "wall_s": wall, "cpu_s": cpu}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--warmup", type=float, default=15.0, help="after ray.init, before measuring")
+    parser.add_argument("--steps", type=int, default=30, help="training steps of each run under load (0: skip)")
     args = parser.parse_args()
     without = idle_cpu(False, args.seconds, args.warmup)
     with_dashboard = idle_cpu(True, args.seconds, args.warmup)
@@ -71,6 +101,16 @@ def main() -> int:
     print(f"  without dashboard: {without:6.1f} CPU s/min ({without / 60 / cores:.1%} of the machine)")
     print(f"  with dashboard:    {with_dashboard:6.1f} CPU s/min ({with_dashboard / 60 / cores:.1%} of the machine)")
     print(f"  the dashboard adds {with_dashboard - without:.1f} CPU s/min: {with_dashboard / max(without, 1e-9):.2f}x an idle Ray")
+    if args.steps:
+        from drills_train import training_data
+
+        with tempfile.TemporaryDirectory() as tmp:
+            shards = training_data(Path(tmp))
+            plain = training_cost(False, shards, Path(tmp) / "runs", args.steps)
+            dash = training_cost(True, shards, Path(tmp) / "runs", args.steps)
+        print(f"spade-train, tiny preset, 2 workers, {args.steps} steps")
+        for what, unit in (("step_s", "median step s"), ("wall_s", "command wall s"), ("cpu_s", "command CPU s")):
+            print(f"  {unit:15s} without {plain[what]:7.2f}  with {dash[what]:7.2f}  ({dash[what] / plain[what]:.2f}x)")
     return 0
 
 
