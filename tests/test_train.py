@@ -82,6 +82,7 @@ def test_unsynced_batch_norm_statistics_differ_across_ranks(ray_cluster, shards:
     assert any(not torch.allclose(rank0[k], rank1[k], atol=1e-5) for k in rank0)
 
 
+@pytest.mark.e2e  # a fault drill (a worker process exits mid-run), like tests/test_drills_train.py
 def test_a_killed_worker_is_replaced_and_training_resumes(ray_cluster, shards: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     cfg = tiny_config(shards, tmp_path, "faulty", "scaling.max_failures=1", "optim.niter_decay=1")
     result = build_trainer(cfg, callbacks=[KillWorkerOnce(5)]).fit()

@@ -54,6 +54,14 @@ def histogram_length(labels: LabelConfig) -> int:
     return max(256, max_label_id(labels) + 1)
 
 
+def _require_same_size(image: Image.Image, image_path: os.PathLike[str], other: Image.Image,
+                       other_path: os.PathLike[str], what: str) -> None:
+    if other.size != image.size:
+        raise BadPairError(
+            "size_mismatch", f"image {image_path} is {_wh(image.size)} but {what} {other_path} is {_wh(other.size)}"
+        )
+
+
 def inspect_pair(pair: Pair, labels: LabelConfig) -> PairData:
     """Read and fully decode a pair's files; raise :class:`BadPairError` naming the file on any problem."""
     image_bytes = _read(pair.image, "image")
@@ -61,22 +69,14 @@ def inspect_pair(pair: Pair, labels: LabelConfig) -> PairData:
     image = _decode(image_bytes, pair.image, "image")
     label = _decode(label_bytes, pair.label, "label")
     _check_map(label, pair.label, "label")
-    if label.size != image.size:
-        raise BadPairError(
-            "size_mismatch",
-            f"image {pair.image} is {_wh(image.size)} but label {pair.label} is {_wh(label.size)}",
-        )
+    _require_same_size(image, pair.image, label, pair.label, "label")
     counts = _class_pixels(np.asarray(label), pair.label, labels)
     instance_bytes = None
     if pair.instance is not None:
         instance_bytes = _read(pair.instance, "instance")
         instance = _decode(instance_bytes, pair.instance, "instance")
         _check_map(instance, pair.instance, "instance")
-        if instance.size != image.size:
-            raise BadPairError(
-                "size_mismatch",
-                f"image {pair.image} is {_wh(image.size)} but instance map {pair.instance} is {_wh(instance.size)}",
-            )
+        _require_same_size(image, pair.image, instance, pair.instance, "instance map")
     width, height = image.size
     return PairData(pair.key, width, height, image_bytes, label_bytes, instance_bytes, counts)
 
