@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .weights import read_state_dict, state_mismatch
+
 GanMode = Literal["hinge", "ls", "original"]
 GAN_MODES: tuple[str, ...] = ("hinge", "ls", "original")
 
@@ -240,20 +242,13 @@ def load_vgg19(path: str | os.PathLike[str], *, device: str | torch.device = "cp
     if not file.is_file():
         what = "is a directory, not a file" if file.is_dir() else "does not exist"
         raise ValueError(f"VGG19 weights {file} {what}; {_where_to_get_vgg()}")
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for corrupt or non-weight files
-        # torch's own text is long and may suggest weights_only=False, which we never want here.
-        reason = _one_line(f"{type(exc).__name__}: {exc}")
-        raise ValueError(f"VGG19 weights {file} is not a loadable state dict ({reason}); {_where_to_get_vgg()}") from exc
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"VGG19 weights {file} does not hold a state dict of tensors; {_where_to_get_vgg()}")
+    state = read_state_dict(file, what="VGG19 weights", hint=_where_to_get_vgg())
     # Loaded in float32 whatever the file holds: the loss runs on float32 images.
     features = {k: v.float() for k, v in state.items() if not k.startswith("classifier.")}
     # Built on the meta device and filled by assignment: no random init of 20M weights to throw away.
     with torch.device("meta"):
         vgg = VGG19Features()
-    problems = _state_mismatch(features, {k: tuple(v.shape) for k, v in vgg.state_dict().items()})
+    problems = state_mismatch(features, {k: tuple(v.shape) for k, v in vgg.state_dict().items()})
     if problems:
         raise ValueError(
             f"VGG19 weights {file} do not match torchvision's vgg19 features (conv weights and biases at "
@@ -261,34 +256,6 @@ def load_vgg19(path: str | os.PathLike[str], *, device: str | torch.device = "cp
         )
     vgg.load_state_dict(features, strict=True, assign=True)
     return vgg.requires_grad_(False).eval().to(device)
-
-
-def _state_mismatch(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> str:
-    """A short account of missing, unexpected and wrongly shaped keys; empty when ``state`` fits."""
-
-    def some(keys: list[str]) -> str:
-        return ", ".join(keys[:4]) + (f" ... ({len(keys)} in all)" if len(keys) > 4 else "")
-
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [
-        f"{k} {tuple(state[k].shape)} (expected {shape})"
-        for k, shape in expected.items()
-        if k in state and tuple(state[k].shape) != shape
-    ]
-    parts = []
-    if missing:
-        parts.append(f"missing {some(missing)}")
-    if unexpected:
-        parts.append(f"unexpected {some(unexpected)}")
-    if shapes:
-        parts.append(f"wrong shape for {some(shapes)}")
-    return "; ".join(parts)
-
-
-def _one_line(text: str, limit: int = 200) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class VGGLoss(nn.Module):

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..losses import _one_line, _state_mismatch
+from ..weights import read_state_dict, state_mismatch
 
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{FID_WEIGHTS_FILE}"
@@ -299,13 +299,7 @@ def load_fid_inception(
             f"other weights is not comparable with published numbers (pass allow_any_inception=True to use them "
             f"anyway); {_where_to_get()}"
         )
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for corrupt or non-weight files
-        reason = _one_line(f"{type(exc).__name__}: {exc}")
-        raise ValueError(f"Inception weights {file} is not a loadable state dict ({reason}); {_where_to_get()}") from exc
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"Inception weights {file} does not hold a state dict of tensors; {_where_to_get()}")
+    state = read_state_dict(file, what="Inception weights", hint=_where_to_get())
     model = build_from_state_dict(state, source=str(file))
     model.weights_sha256 = digest
     return model.to(device)
@@ -322,7 +316,7 @@ def build_from_state_dict(state: dict[str, torch.Tensor], *, source: str = "stat
         # A TensorFlow conversion need not carry the batch-norm step counters; strict loading does.
         if key.endswith(".num_batches_tracked") and key not in state:
             state[key] = torch.zeros((), dtype=torch.long)
-    problems = _state_mismatch(state, expected)
+    problems = state_mismatch(state, expected)
     if problems:
         raise ValueError(
             f"Inception weights {source} do not match pytorch-fid's FID Inception layout (torchvision Inception3 "
