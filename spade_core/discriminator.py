@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .blocks import conv_norm
 from .config import DiscriminatorConfig
-from .labelmap import Semantics, as_semantics
+from .labelmap import Semantics, as_semantics, downsample
 
 
 class NLayerDiscriminator(nn.Module):
@@ -85,6 +84,6 @@ class MultiscaleDiscriminator(nn.Module):
         results = []
         for i, disc in enumerate(self.children()):
             if i > 0:
-                x = F.avg_pool2d(x, kernel_size=3, stride=2, padding=1, count_include_pad=False)
+                x = downsample(x)
             results.append(disc(x) if semantics is None else disc(x, semantics, pool_levels=i))
         return results

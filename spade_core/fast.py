@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .config import LabelConfig
+from .config import GeneratorConfig, LabelConfig
 from .generator import SPADEGenerator
 from .labelmap import LabelMap
 from .norms import SPADE
@@ -58,7 +58,7 @@ class FastGenerator(nn.Module):
         self._forward = torch.compile(self._run, dynamic=False, options={"freezing": True}) if compile else self._run
 
     @property
-    def config(self):  # type: ignore[no-untyped-def]
+    def config(self) -> GeneratorConfig:
         return self.generator.config
 
     @property

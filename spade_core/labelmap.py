@@ -254,7 +254,7 @@ class DenseSemantics:
         """The map average-pooled ``levels`` times as the multiscale discriminator pools its input."""
         if levels not in self._pooled:
             below = self.pooled(levels - 1)
-            self._pooled[levels] = F.avg_pool2d(below, kernel_size=3, stride=2, padding=1, count_include_pad=False)
+            self._pooled[levels] = downsample(below)
         return self._pooled[levels]
 
     def conv_with_images(self, conv: nn.Conv2d, images: torch.Tensor, *, pool_levels: int = 0) -> torch.Tensor:
@@ -268,6 +268,12 @@ class DenseSemantics:
 
 
 Semantics = LabelMap | DenseSemantics
+
+
+def downsample(x: torch.Tensor) -> torch.Tensor:
+    """One scale down, as the multiscale discriminator goes: 3x3 average pooling, stride 2,
+    padding not counted (:func:`~spade_core.gather.avg_pool_entries` is its gather form)."""
+    return F.avg_pool2d(x, kernel_size=3, stride=2, padding=1, count_include_pad=False)
 
 
 def as_semantics(semantics: torch.Tensor | LabelMap | DenseSemantics) -> Semantics:
