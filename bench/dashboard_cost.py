@@ -1,5 +1,5 @@
 """What the Ray dashboard costs on this machine, with it and without, measured in one run
-(the choice behind ``spade-train --dashboard`` being opt-in for a local Ray):
+(the choice behind ``spade-train`` starting it for a local Ray unless ``--no-dashboard``):
 - idle: CPU seconds per minute that a local Ray's processes use;
 - under load: a ``spade-train`` run (tiny preset, 2 workers, synthetic shards), its median
   step time, the whole command's wall time and the CPU seconds of its process tree.
@@ -73,7 +73,7 @@ def training_cost(dashboard: bool, shards: Path, runs: Path, steps: int) -> dict
     from drills_train import train_command
 
     name = "dashboard" if dashboard else "plain"
-    cmd = train_command(shards, runs, name, f"optim.max_steps={steps}") + (["--dashboard"] if dashboard else [])
+    cmd = train_command(shards, runs, name, f"optim.max_steps={steps}") + ["--dashboard" if dashboard else "--no-dashboard"]
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     cpu = 0.0
