@@ -50,6 +50,9 @@ def test_two_node_rehearsal_trains_across_both_nodes_and_stops_them(tmp_path: Pa
     # both nodes are gone: nothing listens on the head's port any more
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", gcs)) != 0
+    # and the address file `ray start` wrote is gone with them (a later local Ray's state API reads it)
+    current = Path("/tmp/ray/ray_current_cluster")
+    assert not (current.exists() and current.read_text().strip().endswith(f":{gcs}")), current.read_text()
 
 
 def readme_first_command() -> str:

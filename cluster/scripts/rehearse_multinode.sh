@@ -31,8 +31,12 @@ stop_nodes() {
   # --block nodes stop their own processes when their `ray start` gets SIGTERM
   for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  # what `ray stop` would also clean: else a later bare ray.init() tries to join this dead head
-  if [ "$(cat /tmp/ray/ray_current_cluster 2>/dev/null)" = "127.0.0.1:$GCS_PORT" ]; then rm -f /tmp/ray/ray_current_cluster; fi
+  # what `ray stop` would also clean: `ray start --head` wrote this head's address (with the
+  # host's IP, whatever --node-ip-address says) for a bare ray.init() and for the state API of
+  # every later local Ray on this host: left behind, each Ray Train run's shutdown waits 12 s
+  # on it (Train's placement-group cleaner asks the dead head, times out, then moves on)
+  current=$(cat /tmp/ray/ray_current_cluster 2>/dev/null || true)
+  if [ "${current##*:}" = "$GCS_PORT" ]; then rm -f /tmp/ray/ray_current_cluster; fi
 }
 trap stop_nodes EXIT
 
