@@ -254,7 +254,7 @@ def test_training_steps_match(name: str) -> None:
         model.zero_grad(set_to_none=True)
         # the same fakes on both paths, so the discriminator step compares strictly
         fake = results[0][1] if results else fake
-        d_terms = discriminator_losses(nets, sem, b["image"], loss=loss, fake=fake)
+        d_terms = discriminator_losses(nets, sem, image, loss=loss, fake=fake)
         sum(d_terms.values()).backward()
         results.append((g_terms, fake.detach(), d_terms, grads(model.discriminator)))
     (g_plain, _, d_plain, dg_plain), (g_fast, _, d_fast, dg_fast) = results
@@ -309,9 +309,12 @@ def test_bf16_autocast_training_step(name: str) -> None:
     sum(terms_plain.values()).backward()
     nets = Networks(fast.generator, fast.discriminator, fast.encoder)
     sem = semantics_of(b, config.labels, as_label_map=True)
+    # the real photos in channels_last too, as the Trainer passes them with optim.channels_last
+    # (torch's bf16 CPU convolution on NCHW input is ~16x slower than on channels_last)
+    image = b["image"].contiguous(memory_format=torch.channels_last)
     torch.manual_seed(3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        terms, fake = generator_losses(nets, sem, b["image"], loss=loss, vgg=vgg)
+        terms, fake = generator_losses(nets, sem, image, loss=loss, vgg=vgg)
     sum(terms.values()).backward()
     assert fake.dtype == torch.bfloat16 and fake.is_contiguous(memory_format=torch.channels_last)
     assert psnr(fake, fake_plain) > 38  # plain bf16 autocast: ~45 dB here
@@ -325,7 +328,7 @@ def test_bf16_autocast_training_step(name: str) -> None:
     assert float(F.cosine_similarity(flat_fast, flat_plain, dim=0)) > 0.97  # plain bf16 autocast: ~0.99
     fast.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        d_terms = discriminator_losses(nets, sem, b["image"], loss=loss, fake=fake)
+        d_terms = discriminator_losses(nets, sem, image, loss=loss, fake=fake)
     sum(d_terms.values()).backward()
     assert all(torch.isfinite(v) for v in d_terms.values())
     assert all(torch.isfinite(p.grad).all() for p in fast.discriminator.parameters())
