@@ -75,9 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     try:
-        model = tiny_model().to(args.device) if args.tiny else load_checkpoint(args.checkpoint, device=args.device)
+        # the user's files first: a wrong one is reported before seconds of model loading
         labels = read_label_png(args.labels)
         style = read_style_image(args.style) if args.style else None
+        model = tiny_model().to(args.device) if args.tiny else load_checkpoint(args.checkpoint, device=args.device)
         model.enable_fast_path(dtype=torch.bfloat16 if args.bf16 else torch.float32)
         image = model.synthesize(labels, style=style, seed=args.seed)[0]
     except ValueError as exc:
