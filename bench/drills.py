@@ -416,9 +416,21 @@ def kill_controller_drill(base: str, *, clients: int, seconds: float, kill_at: f
             "restarted_after_s": None if restarted_at is None else restarted_at - killed_at}
 
 
-def kill_proxy_drill(base: str, *, clients: int, seconds: float, kill_at: float) -> dict[str, Any]:
+def unanswered(answers: list[Answer]) -> int:
+    """Failed attempts that no later 200 of the same client followed."""
+    last_ok: dict[int, float] = {}
+    for a in answers:
+        if a.status == 200:
+            last_ok[a.client] = max(last_ok.get(a.client, -1.0), a.sent)
+    return sum(1 for a in answers if a.status != 200 and last_ok.get(a.client, -1.0) <= a.sent)
+
+
+def kill_proxy_drill(base: str, *, clients: int, seconds: float, kill_at: float, settle_s: float | None = None) -> dict[str, Any]:
     """Kill the HTTP proxy under load from clients that retry with backoff: the outage a
-    client sees, and whether any request was lost (a failed attempt never followed by a 200)."""
+    client sees, and whether any request was lost (a failed attempt never followed by a 200).
+
+    ``seconds`` is the whole run; with ``settle_s`` it ends earlier, once the outage was seen
+    and every failed attempt has been followed by a 200 for ``settle_s`` seconds."""
     import ray
 
     with Load(base + "/v1/synthesize", clients, backoff=True) as load:
@@ -428,14 +440,19 @@ def kill_proxy_drill(base: str, *, clients: int, seconds: float, kill_at: float)
                    if a["namespace"] == "serve" and a["name"].startswith("SERVE_PROXY_ACTOR")]
         ray.kill(ray.get_actor(proxies[0], namespace="serve"), no_restart=True)  # the controller starts a new one
         killed_at = load.now()
+        whole_since: float | None = None
         while load.now() < seconds:
             time.sleep(0.2)
+            if settle_s is None:
+                continue
+            so_far = list(load.answers)
+            whole = any(a.status != 200 and a.sent >= killed_at for a in so_far) and unanswered(so_far) == 0
+            whole_since = (whole_since or load.now()) if whole else None
+            if whole_since is not None and load.now() - whole_since >= settle_s:
+                break
     answers = sorted(load.answers, key=lambda a: a.sent)
     failed = [a for a in answers if a.status != 200]
-    lost = 0
-    for a in failed:  # each failed attempt must be followed by a 200 for the same client
-        if not any(b.client == a.client and b.sent > a.sent and b.status == 200 for b in answers):
-            lost += 1
+    lost = unanswered(answers)
     recovered = [a.sent + a.latency for a in answers if a.status == 200 and a.sent > killed_at
                  and any(f.sent >= killed_at for f in failed)]
     outage = (min(recovered) - killed_at) if failed and recovered else 0.0

@@ -56,7 +56,7 @@ def test_requests_are_served_while_the_serve_controller_restarts(plain) -> None:
 
 def test_clients_retrying_with_backoff_lose_nothing_when_the_http_proxy_dies(plain) -> None:  # type: ignore[no-untyped-def]
     base, _ = plain
-    result = drills.kill_proxy_drill(base, clients=2, seconds=60.0, kill_at=6.0)
+    result = drills.kill_proxy_drill(base, clients=2, seconds=60.0, kill_at=6.0, settle_s=5.0)  # ends once whole again
     print(result)
     assert result["failed_attempts"] > 0, result  # the outage was seen...
     assert result["lost"] == 0, result  # ...and every failed attempt was followed by a 200
