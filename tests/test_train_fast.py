@@ -254,7 +254,7 @@ def test_training_steps_match(name: str) -> None:
         model.zero_grad(set_to_none=True)
         # the same fakes on both paths, so the discriminator step compares strictly
         fake = results[0][1] if results else fake
-        d_terms = discriminator_losses(nets, sem, image, loss=loss, fake=fake)
+        d_terms = discriminator_losses(nets, sem, b["image"], loss=loss, fake=fake)
         sum(d_terms.values()).backward()
         results.append((g_terms, fake.detach(), d_terms, grads(model.discriminator)))
     (g_plain, _, d_plain, dg_plain), (g_fast, _, d_fast, dg_fast) = results
