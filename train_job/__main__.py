@@ -22,15 +22,12 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
 
-def build_trainer(cfg: TrainConfig, *, callbacks: Sequence[Callback] = (), console: bool = False) -> Any:
-    """The TorchTrainer for ``cfg`` (Ray must be initialised); ``callbacks`` (``train_job.callbacks``)
-    run on every worker; ``console``: rank 0 copies its output to the run's console.log
-    (``train_job.console``)."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from .pipeline import build_dataset
+def check_training_data(cfg: TrainConfig) -> Any:
+    """The prepared shards (``train_job.shards.Shards``) after checking them against the config:
+    their label layout against ``model.labels``, the eval split when eval is on. Needs no Ray,
+    so spade-train reports a mismatch before it starts one."""
     from .shards import open_shards
+    from .validation import check_eval_data
 
     shards = open_shards(cfg.data.shards, cfg.data.split)
     if shards.labels.semantic_nc != cfg.model.labels.semantic_nc or shards.labels.label_nc != cfg.model.labels.label_nc:
@@ -39,9 +36,20 @@ def build_trainer(cfg: TrainConfig, *, callbacks: Sequence[Callback] = (), conso
             f"instance maps {shards.labels.instance_edges}) but model.labels says label_nc {cfg.model.labels.label_nc}, "
             f"instance_edges {cfg.model.labels.instance_edges}"
         )
-    from .validation import check_eval_data
-
     check_eval_data(cfg)  # eval.split in the manifest, with eval.num_images pairs (when eval is on)
+    return shards
+
+
+def build_trainer(cfg: TrainConfig, *, callbacks: Sequence[Callback] = (), console: bool = False) -> Any:
+    """The TorchTrainer for ``cfg`` (Ray must be initialised); ``callbacks`` (``train_job.callbacks``)
+    run on every worker; ``console``: rank 0 copies its output to the run's console.log
+    (``train_job.console``)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from .pipeline import build_dataset
+
+    shards = check_training_data(cfg)
     dataset = build_dataset(
         cfg.data.shards, split=cfg.data.split, preprocess=cfg.data.preprocess, train=True, seed=cfg.data.seed,
         decode_cpus=cfg.data.decode_cpus,
@@ -79,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_train_config(args.config, args.overrides)
         if args.resume:
             cfg = replace(cfg, storage=replace(cfg.storage, resume_from=str(Path(args.resume).resolve())))
+        check_training_data(cfg)  # before a Ray starts: a wrong data path or label layout is said at once
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
