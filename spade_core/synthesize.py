@@ -58,7 +58,8 @@ def tiny_model(seed: int = 0) -> SpadeModel:
     """A small ADE20K model (ngf 16, 256x256, label-map input) with random, trained-like
     weights: untrained, it shows the label layout in flat colours, for trying the pipeline."""
     config = ModelConfig(generator=GeneratorConfig(ngf=16))
-    return randomize_weights(build_model(config, discriminator=False, seed=seed), seed=seed).eval()
+    # one label map per warm-up pass: half the start-up of two, the same flat-colour look
+    return randomize_weights(build_model(config, discriminator=False, seed=seed), seed=seed, batch_size=1).eval()
 
 
 def main(argv: list[str] | None = None) -> int:
