@@ -420,3 +420,24 @@ def test_from_dict_accepts_built_sections() -> None:
     assert TrainConfig.from_dict(c.to_dict()) == c
     with pytest.raises(ValueError, match="optim has a wrong value"):
         TrainConfig(data=c.data, storage=c.storage, optim={"lr": 1})  # type: ignore[arg-type]
+
+
+def test_a_dead_head_in_rays_address_file_is_recognised(tmp_path: Path) -> None:
+    """spade-train warns about an address file left by a stopped `ray start` head (each Ray
+    Train run would wait ~12 s on it), and says nothing of a live one or of none."""
+    import socket
+
+    from train_job.__main__ import dead_recorded_head
+
+    recorded = tmp_path / "ray_current_cluster"
+    assert dead_recorded_head(recorded) is None  # no file
+    with socket.socket() as live:
+        live.bind(("127.0.0.1", 0))
+        live.listen()
+        recorded.write_text(f"127.0.0.1:{live.getsockname()[1]}\n")
+        assert dead_recorded_head(recorded) is None
+        dead_port = live.getsockname()[1]
+    recorded.write_text(f"127.0.0.1:{dead_port}")
+    assert dead_recorded_head(recorded) == f"127.0.0.1:{dead_port}"
+    recorded.write_text("garbage")
+    assert dead_recorded_head(recorded) == "garbage"

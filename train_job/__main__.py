@@ -22,6 +22,27 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
 
+RAY_ADDRESS_FILE = Path("/tmp/ray/ray_current_cluster")  # where `ray start --head` records its address
+
+
+def dead_recorded_head(path: Path = RAY_ADDRESS_FILE) -> str | None:
+    """The address in Ray's address file when nothing answers there any more (a head that was
+    stopped without `ray stop`), else None. A local Ray's state API reads that file, and Ray
+    Train's placement-group cleaner then waits about 12 s at the end of every run."""
+    import socket
+
+    try:
+        address = path.read_text().strip()
+    except OSError:
+        return None
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=1.0).close()
+    except (OSError, ValueError):
+        return address
+    return None
+
+
 def check_training_data(cfg: TrainConfig) -> Any:
     """The prepared shards (``train_job.shards.Shards``) after checking them against the config:
     their label layout against ``model.labels``, the eval split when eval is on. Needs no Ray,
@@ -104,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     # progress bar) and keep Ray's own output in files. Else Ray's output, as Ray prints it.
     quiet = not address and not is_remote(cfg.storage.path) and not ray.is_initialized()
     folder = run_dir(cfg)
+    if not address and (dead := dead_recorded_head()):
+        print(f"spade-train: {RAY_ADDRESS_FILE} names {dead}, a Ray head that no longer answers: each Ray Train run "
+              f"waits ~12 s on it at shutdown; delete the file (or `ray stop`)", file=sys.stderr)
     if quiet:
         driver_log = _ray_logs_to(folder / "ray-driver.log")
         context = ray.init(address="local", include_dashboard=args.dashboard, log_to_driver=False, configure_logging=False)
